@@ -1,0 +1,146 @@
+"""Typed configs as data: a dataclass per stage, filled from YAML files and command-line overrides.
+
+Every field of a stage's dataclass is settable three ways, applied in this order:
+  1. `--config FILE.yaml` (repeatable; a bare name like `moco_v2` means a YAML shipped next to the stage),
+  2. flags: `--batch-size 128`, booleans as `--mlp` / `--no-mlp`,
+  3. `key=value` words: `batch_size=128 schedule=[120,160]` (values parsed as YAML).
+Unknown keys anywhere are errors that name the key; the resolved config is plain data (`to_dict`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message names the key and what was expected."""
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain types (safe for YAML/JSON and `torch.load(weights_only=True)`)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check/convert one value against a field type; raise ConfigError naming the key."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(key, v, args[0]) for v in value] if args else list(value)
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {key!r}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return out
+    if typ is str:
+        return str(value)
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any], source: str = "override") -> Any:
+    """Return a copy of `cfg` with `overrides` applied; unknown keys are errors naming the key."""
+    types = _field_types(type(cfg))
+    clean = {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key not in types:
+            close = [k for k in types if k.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}; valid keys: {', '.join(types)}")
+        clean[key] = _coerce(key, value, types[key])
+    return dataclasses.replace(cfg, **clean)
+
+
+def load_yaml(path: str | Path, search_dir: Path | None = None) -> dict:
+    """Read a YAML config; a bare name (`moco_v2`) is looked up as `search_dir/NAME.yaml`."""
+    p = Path(path)
+    if not p.exists() and search_dir is not None and (search_dir / f"{p.name}.yaml").exists():
+        p = search_dir / f"{p.name}.yaml"
+    if not p.exists():
+        shipped = sorted(x.stem for x in search_dir.glob("*.yaml")) if search_dir else []
+        raise ConfigError(f"config file {str(path)!r} not found" + (f"; shipped configs: {shipped}" if shipped else ""))
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def build_parser(cls, prog: str, description: str, positionals: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field (help shows type and default)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, help_ in (positionals or {}).items():
+        parser.add_argument(name, help=help_)
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="YAML config file or shipped config name (repeatable, later wins)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values parsed as YAML")
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        doc = f.metadata.get("help", "")
+        if types[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{doc} (default: {default})")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                                help=f"{doc} (default: {default})")
+    return parser
+
+
+def parse_config(cls, argv: list[str], prog: str, description: str, search_dir: Path | None = None,
+                 positionals: dict[str, str] | None = None):
+    """Parse argv into (cfg, namespace). Raises ConfigError with a message naming the bad key."""
+    parser = build_parser(cls, prog, description, positionals)
+    ns = parser.parse_args(argv)
+    cfg = cls()
+    for path in ns.config:
+        cfg = apply_overrides(cfg, load_yaml(path, search_dir), source=str(path))
+    flags = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name) is not None}
+    cfg = apply_overrides(cfg, flags, source="command-line flags")
+    words = {}
+    for word in ns.overrides:
+        if "=" not in word:
+            raise ConfigError(f"expected key=value, got {word!r}")
+        key, value = word.split("=", 1)
+        words[key] = yaml.safe_load(value) if value else ""
+    cfg = apply_overrides(cfg, words, source="key=value overrides")
+    return cfg, ns
