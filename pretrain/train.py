@@ -1,0 +1,347 @@
+"""MoCo pretraining loop: the official `main_moco.py` recipe (a minimal diff of the PyTorch ImageNet
+example) with one code path for 1 process, torchrun and Slurm, bf16/AMP + channels_last by default,
+atomic resumable checkpoints and per-step metrics.
+
+    mocobench pretrain --config moco_v2 --data /datasets/imagenet --out runs/v2     # ImageNet (root/train)
+    mocobench pretrain --config demo --out runs/demo                                 # embedded demo data
+    torchrun --nproc_per_node 8 -m pretrain.train --config moco_v2 --data ... --out ...
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pretrain import distributed as dist
+from pretrain.augment import TwoCropsTransform, moco_augmentation
+from pretrain.backbones import build_backbone
+from pretrain.checkpoints import atomic_save, safe_load
+from pretrain.config import ConfigError, parse_config, save_config, to_dict
+from pretrain.data import DataError, RobustImageFolder, collate_with_skips
+from pretrain.moco import MoCo
+from results.records import now_iso, write_metrics
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _f(default, help_):
+    return field(default=default, metadata={"help": help_})
+
+
+@dataclass
+class PretrainConfig:
+    """Defaults are the official MoCo v1 `main_moco.py` ones; `--config moco_v2` gives v2."""
+    data: str = _f("demo", "dataset root with train/ in ImageFolder layout, or 'demo' for the embedded data")
+    out: str = _f("runs/pretrain", "run directory: checkpoints, logs, metrics, resolved config")
+    arch: str = _f("resnet50", "torchvision ResNet name, or <name>_small (3x3 stem, no max-pool)")
+    width: int = _f(64, "first-stage channels of the *_small archs (64 = standard)")
+    epochs: int = _f(200, "total epochs")
+    batch_size: int = _f(256, "global batch size over all ranks")
+    lr: float = _f(0.03, "initial learning rate (for the global batch)")
+    schedule: list[int] = _f(None, "epochs at which lr drops x0.1 (step schedule)")
+    cos: bool = _f(False, "cosine lr schedule instead of steps")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(1e-4, "SGD weight decay")
+    moco_dim: int = _f(128, "feature dimension")
+    moco_k: int = _f(65536, "queue size (negative keys); divisible by the global batch")
+    moco_m: float = _f(0.999, "key-encoder momentum")
+    moco_t: float = _f(0.07, "softmax temperature")
+    mlp: bool = _f(False, "MoCo v2 MLP projection head")
+    aug_plus: bool = _f(False, "MoCo v2 augmentation (jitter p=0.8, blur)")
+    image_size: int = _f(224, "crop size")
+    crop_min: float = _f(0.2, "RandomResizedCrop minimum scale")
+    jitter: float = _f(0.4, "ColorJitter brightness/contrast/saturation strength")
+    blur_sigma: list[float] = _f(None, "Gaussian blur sigma range (aug+), default [0.1, 2.0]")
+    shuffle_bn: bool = _f(True, "ShuffleBN for the key encoder")
+    bn_groups: int = _f(8, "BN groups per rank in single-process runs (emulated ShuffleBN); DDP uses 1 per rank")
+    mask_false_negatives: bool = _f(False, "mask queued keys of the query's own image (small datasets)")
+    workers: int = _f(4, "data loader workers per rank")
+    seed: int = _f(0, "random seed (fixed by default so runs resume exactly)")
+    amp: bool = _f(True, "mixed precision: bf16 autocast on CPU, fp16/bf16 AMP on GPU")
+    channels_last: bool = _f(True, "channels_last memory format")
+    strict_data: bool = _f(False, "make an unreadable image fatal instead of skipping it")
+    steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = full epoch); for smoke tests")
+    print_freq: int = _f(10, "log every N steps")
+    save_freq: int = _f(1, "checkpoint every N epochs (and always at the end)")
+    keep_checkpoints: int = _f(0, "keep only the newest N checkpoints (0 = keep all, as official)")
+    resume: str = _f("auto", "'auto' = latest checkpoint in out, '' = start fresh, or a checkpoint path")
+    dist_backend: str = _f("auto", "nccl on GPU, gloo on CPU")
+
+    def __post_init__(self):
+        if self.schedule is None:
+            self.schedule = [120, 160]
+        if self.blur_sigma is None:
+            self.blur_sigma = [0.1, 2.0]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def validate(cfg: PretrainConfig, world: int) -> None:
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {world}")
+    if cfg.moco_k % cfg.batch_size:
+        raise ConfigError(f"moco_k={cfg.moco_k} must be divisible by batch_size={cfg.batch_size} (queue ring)")
+    groups = bn_groups(cfg, world)
+    if (cfg.batch_size // world) % groups:
+        raise ConfigError(f"per-rank batch {cfg.batch_size // world} must be divisible by bn_groups={groups}")
+
+
+def bn_groups(cfg: PretrainConfig, world: int) -> int:
+    return cfg.bn_groups if world == 1 else 1
+
+
+def adjust_learning_rate(optimizer, epoch: int, cfg: PretrainConfig) -> float:
+    """Per-epoch schedule of main_moco.py: cosine, or x0.1 at each milestone."""
+    lr = cfg.lr
+    if cfg.cos:
+        lr *= 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    else:
+        lr *= 0.1 ** sum(epoch >= m for m in cfg.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+# --- RNG state as plain types, so checkpoints open with weights_only=True -------------------------------
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+CKPT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint_*.pth.tar") if (m := CKPT_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    ckpts = list_checkpoints(Path(out))
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(out: Path, model: MoCo, optimizer, epoch: int, cfg: PretrainConfig, step: int,
+                    train_seconds: float = 0.0, keep: int = 0) -> Path:
+    """Official layout: epoch (epochs done), arch, state_dict with `module.` keys, optimizer; plus ours."""
+    state = {"epoch": epoch + 1, "arch": cfg.arch,
+             "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng_state(),
+             "global_step": step, "queue_ids": model.queue_ids.clone(), "train_seconds": train_seconds}
+    path = atomic_save(state, out / f"checkpoint_{epoch:04d}.pth.tar")
+    if keep > 0:
+        for old in list_checkpoints(out)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_for_resume(path: Path, model: MoCo, optimizer) -> tuple[int, int, float]:
+    """Restore a run; returns (start_epoch, global_step, training seconds so far)."""
+    ckpt = safe_load(path)
+    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    model.load_state_dict(state)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "queue_ids" in ckpt:
+        model.queue_ids.copy_(ckpt["queue_ids"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    return int(ckpt["epoch"]), int(ckpt.get("global_step", 0)), float(ckpt.get("train_seconds", 0.0))
+
+
+# --- the run --------------------------------------------------------------------------------------------
+class RunLog:
+    """Plain lines to stdout (rank 0) and out/log.txt; one JSON object per logging step in metrics.jsonl."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.text = open(out / "log.txt", "a") if enabled else None
+        self.jsonl = open(out / "metrics.jsonl", "a") if enabled else None
+
+    def line(self, msg: str, bar=None) -> None:
+        if not self.enabled:
+            return
+        (bar.write if bar is not None and not bar.disable else print)(msg, flush=True)
+        self.text.write(msg + "\n")
+        self.text.flush()
+
+    def record(self, **values) -> None:
+        if self.enabled:
+            self.jsonl.write(json.dumps(values) + "\n")
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        for f in (self.text, self.jsonl):
+            if f:
+                f.close()
+
+
+def resolve_data(cfg: PretrainConfig) -> Path:
+    if cfg.data == "demo":
+        from pretrain.demo_data import ensure_demo_data
+        return Path(ensure_demo_data().imagefolder) / "train"
+    root = Path(cfg.data)
+    return root / "train" if (root / "train").is_dir() else root
+
+
+def build_model(cfg: PretrainConfig, world: int) -> MoCo:
+    def encoder(num_classes):
+        return build_backbone(cfg.arch, num_classes=num_classes, width=cfg.width)
+    return MoCo(encoder, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
+                shuffle_bn=cfg.shuffle_bn, bn_groups=bn_groups(cfg, world),
+                mask_false_negatives=cfg.mask_false_negatives)
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Train (or resume) a MoCo run in `cfg.out`; returns the final metrics."""
+    device = dist.init_from_env(cfg.dist_backend)
+    world, main_rank = dist.world_size(), dist.is_main()
+    validate(cfg, world)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start_time = now_iso()
+    seed_everything(cfg.seed + dist.rank())
+
+    model = build_model(cfg, world).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start_epoch, step, seconds_before = 0, 0, 0.0
+    resume = latest_checkpoint(out) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    if resume is not None:
+        start_epoch, step, seconds_before = load_for_resume(resume, model, optimizer)
+    ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+           if world > 1 else model)
+
+    transform = TwoCropsTransform(moco_augmentation(cfg.image_size, cfg.aug_plus, cfg.crop_min, cfg.jitter,
+                                                    blur_sigma=cfg.blur_sigma))
+    dataset = RobustImageFolder(resolve_data(cfg), transform, strict=cfg.strict_data)
+    per_rank = cfg.batch_size // world
+    if len(dataset) < cfg.batch_size:
+        raise DataError(f"{dataset.root}: {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True,
+                                                  seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         collate_fn=collate_with_skips, persistent_workers=False)
+    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(enabled=cfg.amp and amp_dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss()
+    steps = len(loader) if cfg.steps_per_epoch <= 0 else min(len(loader), cfg.steps_per_epoch)
+
+    log = RunLog(out, main_rank)
+    if main_rank:
+        save_config(cfg, out / "config.yaml")
+        log.line(f"MoCo pretrain: {cfg.arch} (width {cfg.width}) on {dataset.root}: {len(dataset)} images, "
+                 f"{world} process(es) on {device}, batch {cfg.batch_size}, {steps} steps/epoch"
+                 + (f"; resumed from {resume} at epoch {start_epoch}" if resume else ""))
+    bad_files: dict[str, None] = {}  # unique unreadable files, in order seen
+    t_start = time.time()
+    epoch_loss = epoch_acc = float("nan")
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        lr = adjust_learning_rate(optimizer, epoch, cfg)
+        model.train()
+        sums = torch.zeros(3)  # loss, acc1, count
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=None if main_rank else True, leave=False)
+        t_log, n_log = time.time(), 0
+        for i, (images, _, ids, skipped) in enumerate(itertools.islice(loader, steps)):
+            bad_files.update(dict.fromkeys(skipped))
+            im_q, im_k = (x.to(device, non_blocking=True) for x in images)
+            if cfg.channels_last:
+                im_q, im_k = im_q.contiguous(memory_format=torch.channels_last), im_k.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                logits, labels = ddp(im_q, im_k, ids.to(device))
+            loss = criterion(logits.float(), labels)
+            if not torch.isfinite(loss):
+                last = latest_checkpoint(out)
+                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {i}; the last good "
+                                         f"checkpoint is {last or 'none (no epoch finished yet)'}; lower --lr or try --no-amp")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            acc1 = (logits.argmax(dim=1) == 0).float().mean() * 100
+            sums += torch.tensor([loss.item() * len(labels), acc1.item() * len(labels), len(labels)])
+            n_log += len(labels) * world
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc1=f"{acc1.item():.1f}")
+            if (i + 1) % cfg.print_freq == 0 or i + 1 == steps:
+                img_s = n_log / max(time.time() - t_log, 1e-9)
+                log.record(step=step, epoch=epoch, loss=loss.item(), acc1=acc1.item(), lr=lr, img_per_s=img_s)
+                log.line(f"epoch {epoch} [{i + 1}/{steps}] loss {loss.item():.4f} acc1 {acc1.item():.2f} "
+                         f"lr {lr:.4g} {img_s:.1f} img/s", bar)
+                t_log, n_log = time.time(), 0
+        bar.close()
+        sums = dist.all_reduce_mean(sums)
+        epoch_loss, epoch_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        log.record(epoch=epoch, step=step, epoch_loss=epoch_loss, epoch_acc1=epoch_acc)
+        if bad_files:
+            log.line(f"warning: {len(bad_files)} unreadable image(s) skipped so far, e.g. {next(iter(bad_files))}")
+        if main_rank and ((epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs):
+            save_checkpoint(out, model, optimizer, epoch, cfg, step, seconds_before + time.time() - t_start,
+                            cfg.keep_checkpoints)
+        dist.barrier()
+
+    metrics = {"loss": epoch_loss, "acc1": epoch_acc, "epochs": cfg.epochs,
+               "hours": (seconds_before + time.time() - t_start) / 3600, "bad_images": len(bad_files)}
+    if main_rank:
+        last = latest_checkpoint(out)
+        write_metrics(out, stage="pretrain", benchmark="moco", metrics=metrics, config=to_dict(cfg),
+                      start=start_time, checkpoint=last)
+        log.line(f"done: {last}" + (f"; {len(bad_files)} unreadable images skipped" if bad_files else ""))
+    log.close()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, _ = parse_config(PretrainConfig, argv, "mocobench pretrain", __doc__.split("\n\n")[0],
+                              search_dir=CONFIG_DIR)
+        run(cfg)
+    except (ConfigError, DataError, NonFiniteLossError) as e:
+        print(f"mocobench pretrain: error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, NonFiniteLossError) else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
