@@ -130,7 +130,7 @@ def parse_config(cls, argv: list[str], prog: str, description: str, search_dir: 
                  positionals: dict[str, str] | None = None):
     """Parse argv into (cfg, namespace). Raises ConfigError with a message naming the bad key."""
     parser = build_parser(cls, prog, description, positionals)
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)
     cfg = cls()
     for path in ns.config:
         cfg = apply_overrides(cfg, load_yaml(path, search_dir), source=str(path))

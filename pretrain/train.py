@@ -76,6 +76,7 @@ class PretrainConfig:
     print_freq: int = _f(10, "log every N steps")
     save_freq: int = _f(1, "checkpoint every N epochs (and always at the end)")
     keep_checkpoints: int = _f(0, "keep only the newest N checkpoints (0 = keep all, as official)")
+    stop_after: int = _f(0, "return after this many epochs in this invocation (0 = all); rerun to resume")
     resume: str = _f("auto", "'auto' = latest checkpoint in out, '' = start fresh, or a checkpoint path")
     dist_backend: str = _f("auto", "nccl on GPU, gloo on CPU")
 
@@ -274,7 +275,8 @@ def run(cfg: PretrainConfig) -> dict:
     bad_files: dict[str, None] = {}  # unique unreadable files, in order seen
     t_start = time.time()
     epoch_loss = epoch_acc = float("nan")
-    for epoch in range(start_epoch, cfg.epochs):
+    end_epoch = cfg.epochs if cfg.stop_after <= 0 else min(cfg.epochs, start_epoch + cfg.stop_after)
+    for epoch in range(start_epoch, end_epoch):
         sampler.set_epoch(epoch)
         lr = adjust_learning_rate(optimizer, epoch, cfg)
         model.train()
@@ -320,6 +322,10 @@ def run(cfg: PretrainConfig) -> dict:
                             cfg.keep_checkpoints)
         dist.barrier()
 
+    if end_epoch < cfg.epochs:  # paused on purpose: no metrics.json until the run is complete
+        log.line(f"stopping after epoch {end_epoch - 1} as asked (stop_after={cfg.stop_after}); rerun to resume")
+        log.close()
+        return {"loss": epoch_loss, "acc1": epoch_acc, "epochs_done": end_epoch}
     metrics = {"loss": epoch_loss, "acc1": epoch_acc, "epochs": cfg.epochs,
                "hours": (seconds_before + time.time() - t_start) / 3600, "bad_images": len(bad_files)}
     if main_rank:

@@ -1,0 +1,168 @@
+"""Pretraining loop: config, official checkpoint format, exact resume, bad data, non-finite loss, CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import yaml
+from PIL import Image
+
+from pretrain.config import ConfigError, parse_config
+from pretrain.train import NonFiniteLossError, PretrainConfig, latest_checkpoint, main, run
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """3 classes x 12 random 24 px images in ImageFolder layout (train/<class>/...)."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        d = root / "train" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def tiny_cfg(data, out, **kw):
+    base = dict(data=str(data), out=str(out), arch="resnet18_small", width=8, image_size=16, batch_size=8,
+                moco_k=32, moco_dim=16, mlp=True, aug_plus=True, cos=True, epochs=2, lr=0.03, bn_groups=2,
+                workers=0, print_freq=2, steps_per_epoch=3, blur_sigma=[0.1, 0.3], seed=3)
+    return PretrainConfig(**(base | kw))
+
+
+# --- config ----------------------------------------------------------------------------------------------
+def test_config_yaml_flags_and_key_value_precedence(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 0.5\nepochs: 7\nmlp: true\n")
+    cfg, _ = parse_config(PretrainConfig, ["--config", str(y), "--epochs", "9", "batch_size=64", "--no-mlp",
+                                           "schedule=[3,5]"], "t", "t")
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.mlp, cfg.schedule) == (0.5, 9, 64, False, [3, 5])
+
+
+def test_shipped_v2_config_equals_official_flags():
+    cfg, _ = parse_config(PretrainConfig, ["--config", "moco_v2"], "t", "t",
+                          search_dir=__import__("pretrain.train").train.CONFIG_DIR)
+    v1 = PretrainConfig()
+    assert (v1.lr, v1.batch_size, v1.epochs, v1.schedule, v1.weight_decay, v1.moco_t, v1.moco_m, v1.moco_k) == \
+        (0.03, 256, 200, [120, 160], 1e-4, 0.07, 0.999, 65536)
+    assert (cfg.mlp, cfg.moco_t, cfg.aug_plus, cfg.cos) == (True, 0.2, True, True)
+
+
+@pytest.mark.parametrize("words, match", [(["moco_kk=5"], "unknown config key 'moco_kk'"),
+                                          (["epochs=abc"], "'epochs': expected int"),
+                                          (["mlp=maybe"], "'mlp': expected true/false")])
+def test_config_errors_name_the_key(words, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(PretrainConfig, words, "t", "t")
+
+
+def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("lrate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"'lrate' in .*bad\.yaml"):
+        parse_config(PretrainConfig, ["--config", str(y)], "t", "t")
+
+
+def test_queue_must_divide_batch(tiny_folder, tmp_path):
+    with pytest.raises(ConfigError, match="moco_k=30 must be divisible by batch_size=8"):
+        run(tiny_cfg(tiny_folder, tmp_path, moco_k=30))
+
+
+# --- checkpoints and resume ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def straight_run(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    metrics = run(tiny_cfg(tiny_folder, out, epochs=4))
+    return out, metrics
+
+
+def test_checkpoint_has_official_keys_and_loads_weights_only(straight_run):
+    out, _ = straight_run
+    ckpt = torch.load(out / "checkpoint_0003.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 4 and ckpt["arch"] == "resnet18_small"
+    keys = set(ckpt["state_dict"])
+    assert {"module.queue", "module.queue_ptr"} <= keys
+    assert all(k.startswith(("module.encoder_q.", "module.encoder_k.")) for k in keys - {"module.queue", "module.queue_ptr"})
+    assert ckpt["state_dict"]["module.queue"].shape == (16, 32)
+    assert ckpt["config"]["width"] == 8 and isinstance(ckpt["optimizer"], dict)
+    # what official main_lincls.py does: keep encoder_q minus fc, strip the prefix, load non-strict
+    state = {k[len("module.encoder_q."):]: v for k, v in ckpt["state_dict"].items()
+             if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc")}
+    from pretrain.backbones import build_backbone
+    msg = build_backbone("resnet18_small", 10, width=8).load_state_dict(state, strict=False)
+    assert set(msg.missing_keys) == {"fc.weight", "fc.bias"} and not msg.unexpected_keys
+
+
+def test_run_writes_logs_metrics_and_config(straight_run):
+    out, metrics = straight_run
+    assert (out / "config.yaml").exists() and yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 4
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert len(steps) == 4 * 2 and {"step", "epoch", "loss", "acc1", "lr", "img_per_s"} <= set(steps[0])
+    assert [x["lr"] for x in steps[::2]] == pytest.approx([0.03 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(4)])
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["stage"] == "pretrain" and record["checkpoint"]["path"].endswith("checkpoint_0003.pth.tar")
+    assert np.isfinite(metrics["loss"]) and metrics["epochs"] == 4
+
+
+def test_resume_is_exact(tiny_folder, straight_run, tmp_path):
+    out_straight, _ = straight_run
+    run(tiny_cfg(tiny_folder, tmp_path, epochs=4, stop_after=2))  # first half ...
+    assert latest_checkpoint(tmp_path).name == "checkpoint_0001.pth.tar"
+    assert not (tmp_path / "metrics.json").exists()  # not finished yet
+    run(tiny_cfg(tiny_folder, tmp_path, epochs=4))  # ... then resume (auto: latest in the run dir)
+    a = torch.load(out_straight / "checkpoint_0003.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "checkpoint_0003.pth.tar", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert torch.equal(a["queue_ids"], b["queue_ids"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_folder, tmp_path):
+    run(tiny_cfg(tiny_folder, tmp_path, epochs=1))
+    good = (tmp_path / "checkpoint_0000.pth.tar").read_bytes()
+    with pytest.raises(NonFiniteLossError, match="checkpoint_0000"):
+        run(tiny_cfg(tiny_folder, tmp_path, epochs=2, moco_t=0.0))  # T = 0: logits are inf
+    assert (tmp_path / "checkpoint_0000.pth.tar").read_bytes() == good
+    assert not (tmp_path / "checkpoint_0001.pth.tar").exists()
+
+
+# --- data ------------------------------------------------------------------------------------------------
+def test_corrupt_image_is_skipped_and_counted_or_fatal_when_strict(tiny_folder, tmp_path):
+    bad = tiny_folder / "train" / "class0" / "0000_corrupt.png"
+    bad.write_bytes(b"not a png")
+    try:
+        metrics = run(tiny_cfg(tiny_folder, tmp_path / "lenient", epochs=1, steps_per_epoch=0))
+        assert metrics["bad_images"] == 1
+        from pretrain.data import DataError
+        with pytest.raises(DataError, match="0000_corrupt.png"):
+            run(tiny_cfg(tiny_folder, tmp_path / "strict", epochs=1, steps_per_epoch=0, strict_data=True))
+    finally:
+        bad.unlink()
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--batch-size", "8",
+                 "moco_k=64", "bn_groups=1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+def test_cli_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "mocobench.cli", "--help"], capture_output=True, text=True, check=True)
+    for stage in ("pretrain", "eval", "transfer", "convert", "inspect", "sweep", "status", "results", "bench", "data"):
+        assert f"  {stage} " in out.stdout
+
+
+def test_small_arch_shapes_and_infer():
+    from pretrain.backbones import build_backbone, infer_arch
+    m = build_backbone("resnet50_small", 7, width=16)
+    assert m.conv1.kernel_size == (3, 3) and isinstance(m.maxpool, torch.nn.Identity)
+    assert m.fc.in_features == 16 * 8 * 4 and m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert infer_arch(m.state_dict()) == ("resnet50_small", 16)
+    assert infer_arch(torchvision.models.resnet18().state_dict()) == ("resnet18", 64)
