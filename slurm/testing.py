@@ -1,0 +1,117 @@
+"""Test support for real Slurm: start the throw-away cluster on demand, wait on jobs with a deadline,
+and small importable job payloads (a job process unpickles its function by module name, so payloads
+live here rather than in a test file).
+
+The cluster itself is `slurm/cluster/start.sh` / `stop.sh` (see docs/slurm.md).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import submitit
+
+CLUSTER_DIR = Path(__file__).resolve().parent / "cluster"
+
+
+def cluster_state_dir() -> Path:
+    return Path(os.environ.get("MOCOBENCH_SLURM_DIR", "/tmp/mocobench-slurm"))
+
+
+def slurm_responds(timeout: float = 10) -> bool:
+    """True when `sinfo` reaches a controller and at least one node can run jobs."""
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and any(s.startswith(("idle", "mixed", "alloc")) for s in out.stdout.split())
+
+
+def ensure_cluster(timeout: float = 240) -> str | None:
+    """Make a Slurm cluster available; return None when one answers, else the reason it cannot.
+
+    Uses a running cluster as is (ours or a real one); otherwise runs `slurm/cluster/start.sh`, which
+    needs root and the Debian packages (installed via apt-get when missing).
+    """
+    if slurm_responds():
+        return None
+    if os.name != "posix" or os.geteuid() != 0:
+        return "no Slurm cluster answers `sinfo`, and starting the throw-away one needs root"
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        return "no Slurm cluster answers `sinfo`, and neither slurmctld nor apt-get is installed"
+    try:
+        out = subprocess.run(["bash", str(CLUSTER_DIR / "start.sh")], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"slurm/cluster/start.sh did not finish in {timeout:.0f}s"
+    if out.returncode != 0:
+        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-8:])
+        return f"slurm/cluster/start.sh failed (exit {out.returncode}):\n{tail}"
+    return None if slurm_responds() else "start.sh succeeded but `sinfo` shows no usable node"
+
+
+def wait_done(job: submitit.Job, timeout: float, poll: float = 0.5) -> None:
+    """Wait until `job` is done, or raise TimeoutError naming the job and its last known state.
+
+    submitit's own `job.wait()` has no deadline; a job that died without writing a result can keep it
+    waiting when accounting is missing, so every wait in tests goes through here.
+    """
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job.job_id} not done after {timeout:.0f}s (state {job.state})")
+        time.sleep(poll)
+
+
+def wait_for_file(path: Path, timeout: float, poll: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout:.0f}s")
+        time.sleep(poll)
+
+
+# ------------------------------------------------------------------ job payloads used by the tests
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def job_start_time(a: int) -> tuple[int, float]:
+    """Return the argument and the wall-clock time the job body started (ordering checks)."""
+    return a, time.time()
+
+
+def fail_loudly(message: str) -> None:
+    print(f"about to fail: {message}", file=sys.stderr, flush=True)
+    raise RuntimeError(message)
+
+
+class CountingJob(submitit.helpers.Checkpointable):
+    """Counts to `n`, one step per `step_s`, persisting the count to `state_file` after every step.
+
+    On preemption submitit calls `checkpoint()` (inherited: resubmit self) and requeues; the requeued
+    run continues from the persisted count. Every start appends the count it resumed from to
+    `state_file.starts`, so a test can see the restart and where it resumed.
+    """
+
+    def __init__(self, n: int, state_file: str, step_s: float = 0.2) -> None:
+        self.n, self.state_file, self.step_s = n, Path(state_file), step_s
+
+    def __call__(self) -> int:
+        count = int(self.state_file.read_text()) if self.state_file.exists() else 0
+        with open(f"{self.state_file}.starts", "a") as f:
+            f.write(f"{count}\n")
+        while count < self.n:
+            time.sleep(self.step_s)
+            count += 1
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(str(count))
+            os.replace(tmp, self.state_file)
+        return count
