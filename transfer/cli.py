@@ -1,0 +1,166 @@
+"""`mocobench transfer detectron2`: fine-tune a pre-trained backbone with a detectron2 recipe and write
+metrics.json. The launching process converts the checkpoint and checks the datasets once, then
+detectron2's `launch` starts one worker per GPU (transfer/train.py). See docs/transfer.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import sys
+from pathlib import Path
+
+from results.records import now_iso
+from transfer.recipes import RECIPES
+
+INSTALL_HINT = "install it with: bash transfer/install_detectron2.sh .venv/bin/python (see docs/transfer.md)"
+
+
+class TransferError(RuntimeError):
+    """A bad input to the runner; the message says what was wrong and what was expected."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    recipes = "\n".join(f"  {r.name:12s} {r.summary}" for r in RECIPES.values())
+    parser = argparse.ArgumentParser(prog="mocobench transfer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="detectron2")
+    p = sub.add_parser("detectron2", help="Faster/Mask R-CNN transfer with detectron2",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fine-tune a backbone with a detectron2 recipe; write OUT/metrics.json.",
+                       epilog=f"recipes:\n{recipes}\n\nexample (8 GPUs):\n  mocobench transfer detectron2 "
+                              "--recipe voc07-c4 --weights ckpt/checkpoint_0199.pth.tar --out runs/voc/t0 "
+                              "--data-root datasets --num-gpus 8 --trial 0")
+    p.add_argument("--recipe", required=True, choices=list(RECIPES), help="transfer recipe (see below)")
+    p.add_argument("--weights", required=True,
+                   help="pre-trained checkpoint in any format `mocobench inspect` reads (MoCo, torchvision, detectron2 .pkl, ...), "
+                        "random:ARCH for a random-init baseline, or 'none' for detectron2's own random init")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of --weights (only for files you trust; default: weights only)")
+    p.add_argument("--out", required=True, type=Path, help="output dir: metrics.json, weights/, detectron2/")
+    p.add_argument("--data-root", default=os.environ.get("DETECTRON2_DATASETS", "datasets"), type=Path,
+                   help="folder holding VOC2007/, VOC2012/ and/or coco/ (default: $DETECTRON2_DATASETS or ./datasets)")
+    p.add_argument("--trial", type=int, default=0, help="trial index; also the random seed")
+    default_gpus = _visible_gpus()
+    p.add_argument("--num-gpus", type=int, default=default_gpus,
+                   help=f"GPUs per machine, 0 = CPU (default: all visible, here {default_gpus})")
+    p.add_argument("--num-machines", type=int, default=1, help="machines in a multi-node job")
+    p.add_argument("--machine-rank", type=int, default=0, help="rank of this machine in a multi-node job")
+    p.add_argument("--dist-url", default="auto",
+                   help="torch.distributed init URL; 'auto' = free local port (single machine only)")
+    p.add_argument("--resume", action="store_true", help="resume from OUT/detectron2/last_checkpoint")
+    p.add_argument("--eval-only", action="store_true",
+                   help="only evaluate (the last checkpoint in OUT/detectron2, else --weights)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny CPU-sized settings (transfer/configs/smoke.yaml): a few iterations at 256 px")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                   help="detectron2 config overrides, e.g. SOLVER.MAX_ITER 1000 (applied last)")
+    return parser
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA means CPU
+        return 0
+
+
+_ARCH = re.compile(r"^(wide_)?resnet(50|101|152)(_2)?$")
+
+
+def model_opts_for(arch: str) -> list[str]:
+    """detectron2 ResNet options matching a torchvision arch (the recipes are R50; R101/152 and wide
+    bottleneck ResNets map to DEPTH / WIDTH_PER_GROUP)."""
+    m = _ARCH.match(arch)
+    if not m:
+        raise TransferError(f"backbone {arch!r} cannot be used by detectron2's R-CNN: expected a standard-stem "
+                            "bottleneck ResNet (resnet50/101/152, wide_resnet50_2/101_2)")
+    opts = ["MODEL.RESNETS.DEPTH", int(m.group(2))]
+    if m.group(1):
+        opts += ["MODEL.RESNETS.WIDTH_PER_GROUP", 128]
+    return opts
+
+
+def prepare_weights(weights: str, out_dir: Path, trust: bool = False) -> tuple[str, dict, list]:
+    """Convert `weights` to a detectron2 .pkl in OUT/weights/ through the checkpoints layer (any format it
+    reads, or `random:ARCH`; official MoCo conversion rules). 'none' means detectron2's own random init.
+
+    Returns (detectron2 weights path or "", {"checkpoint", "checkpoint_md5", "format", "arch"}, model opts).
+    """
+    if weights.lower() == "none":
+        return "", {"checkpoint": None, "checkpoint_md5": None, "format": "none", "arch": None}, []
+    from pretrain.checkpoints import convert, parse_random_spec
+
+    is_file = parse_random_spec(weights) is None
+    src = Path(weights).expanduser()
+    if is_file and not src.is_file():
+        raise TransferError(f"--weights {weights}: no such file (give a checkpoint, random:ARCH, or 'none')")
+    dst = out_dir / "weights" / ((src.name.split(".")[0] if is_file else weights.replace(":", "_")) + ".pkl")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = convert(src if is_file else weights, "detectron2", dst, trust=trust)  # atomic write
+    source = {"checkpoint": str(src.resolve()) if is_file else None, "checkpoint_md5": ckpt.md5 or None,
+              "format": ckpt.format, "arch": ckpt.arch}
+    return str(dst), source, model_opts_for(ckpt.arch)
+
+
+def prepare(args: argparse.Namespace):
+    """Check the inputs, convert the weights and register the datasets once; return the RunSpec.
+
+    Every problem found here is a TransferError / DatasetLayoutError / ValueError with a message
+    naming the bad input; errors during training itself propagate with their traceback.
+    """
+    try:
+        import detectron2  # noqa: F401
+    except ImportError:
+        raise TransferError(f"detectron2 is not installed; {INSTALL_HINT}") from None
+    from transfer.datasets import register_datasets
+    from transfer.train import RunSpec, build_cfg
+
+    if len(args.opts) % 2:
+        raise TransferError(f"config overrides must be KEY VALUE pairs, got {args.opts}")
+    if args.num_gpus < 0 or args.num_machines < 1:
+        raise TransferError("--num-gpus must be >= 0 and --num-machines >= 1")
+    if args.num_gpus == 0 and args.num_machines > 1:
+        raise TransferError("multi-machine jobs need GPUs (--num-gpus > 0)")
+    if args.num_gpus > _visible_gpus():
+        raise TransferError(f"--num-gpus {args.num_gpus} but {_visible_gpus()} CUDA devices are visible")
+    start = now_iso()
+    out = args.out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    weights, source, model_opts = prepare_weights(args.weights, out, trust=args.trust_checkpoint)
+    spec = RunSpec(recipe=args.recipe, out_dir=str(out), data_root=str(args.data_root.expanduser().resolve()),
+                   start=start, weights=weights, weights_spec=args.weights, checkpoint=source["checkpoint"],
+                   checkpoint_md5=source["checkpoint_md5"], weights_format=source["format"],
+                   model_opts=model_opts, trial=args.trial,
+                   smoke=args.smoke, resume=args.resume, eval_only=args.eval_only, num_gpus=args.num_gpus,
+                   opts=list(args.opts))
+    try:
+        cfg = build_cfg(spec)  # resolves the dataset names after --smoke and the opts
+    except (KeyError, AssertionError) as e:  # yacs: unknown key / bad value type
+        raise TransferError(f"bad detectron2 config override in {args.opts}: {e}") from None
+    spec.classes = register_datasets(list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST), spec.data_root)
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        spec = prepare(args)
+    except (TransferError, FileNotFoundError, ValueError) as e:
+        print(f"mocobench transfer: error: {e}", file=sys.stderr)
+        return 2
+    from detectron2.engine import launch
+
+    from transfer.train import run
+
+    launch(run, max(args.num_gpus, 1), num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(spec,))
+    if args.machine_rank == 0:
+        print(f"mocobench transfer: wrote {Path(spec.out_dir) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

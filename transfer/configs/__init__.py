@@ -1,0 +1,1 @@
+"""Detectron2 YAML recipes shipped with mocobench (data only; see transfer/recipes.py and docs/transfer.md)."""

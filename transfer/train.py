@@ -1,0 +1,178 @@
+"""One detectron2 transfer run inside each launched process: config, trainer, evaluation, metrics.json.
+
+Follows facebookresearch/moco detection/train_net.py (DefaultTrainer; VOC -> PascalVOCDetectionEvaluator,
+COCO -> COCOEvaluator), with datasets read from a user root (transfer/datasets.py) and the result
+written as metrics.json by the main process. Imported only once detectron2 is known to be installed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
+
+from results.records import write_metrics
+from transfer import modeling
+from transfer.datasets import register_datasets
+from transfer.recipes import COCO_KEYS, SMOKE_CONFIG, get_recipe
+
+logger = logging.getLogger("detectron2.mocobench")  # shares detectron2's handlers and log.txt
+
+
+@dataclass
+class RunSpec:
+    """Everything a worker process needs (plain data: it is pickled to spawned workers)."""
+    recipe: str
+    out_dir: str
+    data_root: str
+    start: str
+    weights: str = ""                    # detectron2 weights file; "" = random init
+    weights_spec: str = "none"           # what the user passed as --weights
+    weights_format: str = "none"         # the format the checkpoints layer detected
+    checkpoint: str | None = None        # the user's checkpoint file (recorded with its md5)
+    checkpoint_md5: str | None = None
+    model_opts: list[str] = field(default_factory=list)  # set from the checkpoint (e.g. RESNETS.DEPTH)
+    trial: int = 0
+    smoke: bool = False
+    resume: bool = False
+    eval_only: bool = False
+    num_gpus: int = 0
+    opts: list[str] = field(default_factory=list)
+    classes: list[str] | None = None     # filled by the launcher after registering datasets
+
+    @property
+    def detectron2_dir(self) -> str:
+        # detectron2 writes its own metrics.json (training events): keep it apart from ours
+        return str(Path(self.out_dir) / "detectron2")
+
+
+def build_cfg(spec: RunSpec) -> CfgNode:
+    """Recipe YAML, then smoke settings, then runner settings, then the user's opts (last wins)."""
+    recipe = get_recipe(spec.recipe)
+    cfg = get_cfg()
+    cfg.merge_from_file(str(recipe.config_path))
+    if spec.smoke:
+        cfg.merge_from_file(str(SMOKE_CONFIG))
+        cfg.merge_from_list(list(recipe.smoke_opts))
+    cfg.merge_from_list([
+        "MODEL.WEIGHTS", spec.weights,
+        "MODEL.DEVICE", "cuda" if spec.num_gpus > 0 else "cpu",
+        "OUTPUT_DIR", spec.detectron2_dir,
+        "SEED", spec.trial,  # one deterministic seed per trial (VOC: mean of 5 trials)
+        *spec.model_opts,
+    ])
+    if spec.classes is not None:
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(spec.classes)
+    cfg.merge_from_list(list(spec.opts))
+    if spec.classes is not None and cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(spec.classes):
+        raise ValueError(f"MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES} but the datasets "
+                         f"have {len(spec.classes)} classes: {spec.classes}")
+    cfg.freeze()
+    return cfg
+
+
+def has_fast_coco_eval() -> bool:
+    """detectron2's C++ COCOeval needs the compiled _C (absent in the pure-Python install)."""
+    try:
+        from detectron2.evaluation.fast_eval_api import COCOeval_opt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the evaluator chosen by the dataset (one bbox evaluator per dataset)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        if kind == "pascal_voc":  # 11-point AP for VOC2007, AP averaged over IoU .50:.95 as AP
+            return PascalVOCDetectionEvaluator(dataset_name)
+        if kind == "coco":
+            out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+            return COCOEvaluator(dataset_name, output_dir=out, use_fast_impl=has_fast_coco_eval())
+        raise ValueError(f"dataset {dataset_name!r} has no evaluator (evaluator_type={kind!r})")
+
+    def train(self):
+        """Train, then return the final evaluation (DefaultTrainer returns it only with EXPECTED_RESULTS)."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
+
+def flatten_results(task: str, results: dict) -> dict:
+    """detectron2's nested results -> flat metrics.json names (recipes.METRIC_NAMES), plus "details"
+    holding the per-class APs. Accepts {dataset: {...}} (several test sets: the first) or {...}."""
+    if results and "bbox" not in results:
+        results = next(iter(results.values()))
+    if not results or "bbox" not in results:
+        raise ValueError(f"no bbox results to report (got {results!r})")
+    if task == "voc":
+        return {k: float(results["bbox"][k]) for k in ("AP", "AP50", "AP75")}
+    metrics, details = {}, {}
+    for kind, values in results.items():
+        for k, v in values.items():
+            if k in COCO_KEYS:
+                metrics[f"{kind}/{k}"] = float(v)
+            else:
+                details[f"{kind}/{k}"] = float(v)
+    return {**metrics, "details": details} if details else metrics
+
+
+def _runner_config(spec: RunSpec, cfg: CfgNode) -> dict:
+    solver = cfg.SOLVER
+    return {**{k: v for k, v in asdict(spec).items() if k not in ("start",)},
+            "world_size": comm.get_world_size(), "ims_per_batch": solver.IMS_PER_BATCH,
+            "base_lr": solver.BASE_LR, "max_iter": solver.MAX_ITER, "steps": list(solver.STEPS),
+            "detectron2_config": str(Path(spec.detectron2_dir) / "config.yaml"),
+            "detectron2": yaml.safe_load(cfg.dump())}
+
+
+def _fresh_log_handlers() -> None:
+    """Let default_setup log to this run's OUTPUT_DIR even when several runs share one process (tests):
+    detectron2's setup_logger caches by arguments and would otherwise stack or skip handlers."""
+    from detectron2.utils.logger import setup_logger
+    setup_logger.cache_clear()
+    for name in ("detectron2", "fvcore", "d2"):
+        for handler in logging.getLogger(name).handlers[:]:
+            logging.getLogger(name).removeHandler(handler)
+            handler.close()
+
+
+def run(spec: RunSpec) -> dict:
+    """Train (or evaluate) in this process; the main process writes out_dir/metrics.json."""
+    recipe = get_recipe(spec.recipe)
+    _fresh_log_handlers()
+    modeling.register()
+    cfg = build_cfg(spec)
+    register_datasets(list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST), spec.data_root, classes=spec.classes)
+    default_setup(cfg, argparse.Namespace(config_file=str(recipe.config_path), eval_only=spec.eval_only,
+                                          resume=spec.resume, opts=spec.opts))
+    if spec.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
+        results, used = Trainer.test(cfg, model), cfg
+    else:
+        trainer = Trainer(cfg)  # applies SOLVER.REFERENCE_WORLD_SIZE scaling to trainer.cfg
+        trainer.resume_or_load(resume=spec.resume)
+        results, used = trainer.train(), trainer.cfg
+    if comm.is_main_process():
+        metrics = flatten_results(recipe.task, results)
+        bad = [k for k, v in metrics.items() if k != "details" and not math.isfinite(v)]
+        if bad:
+            logger.warning("non-finite metrics %s (no predictions, or no ground truth in that range)", bad)
+        path = write_metrics(spec.out_dir, stage="transfer", benchmark=recipe.name, metrics=metrics,
+                             config=_runner_config(spec, used), start=spec.start,
+                             checkpoint=spec.checkpoint, checkpoint_md5=spec.checkpoint_md5)
+        logger.info("wrote %s", path)
+    comm.synchronize()
+    return results
