@@ -277,14 +277,21 @@ def peak_rss_mb() -> dict[str, float]:
             "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale}
 
 
+def check_checkpoint(checkpoint: str | Path) -> bool:
+    """True for a `random:ARCH[:WIDTH]` spec, True for an existing file, else a CheckpointError."""
+    from pretrain.checkpoints import CheckpointError, parse_random_spec
+    if parse_random_spec(str(checkpoint)) is not None or Path(checkpoint).is_file():
+        return True
+    raise CheckpointError(f"checkpoint {checkpoint} not found; expected a checkpoint file or random:ARCH[:WIDTH]")
+
+
 def checkpoint_key(checkpoint: str | Path, seed: int = 0) -> str:
     """md5 of the checkpoint file; for a `random:ARCH[:WIDTH]` spec, md5 of the spec and the init seed."""
     from pretrain.checkpoints import parse_random_spec
+    from results.records import file_md5
+    check_checkpoint(checkpoint)
     if parse_random_spec(str(checkpoint)) is not None:
         return hashlib.md5(f"{checkpoint}|seed={seed}".encode()).hexdigest()
-    from results.records import file_md5
-    if not Path(checkpoint).is_file():
-        raise DataError(f"checkpoint {checkpoint} not found")
     return file_md5(checkpoint)
 
 
@@ -403,6 +410,7 @@ def resolve_features(cfg: FeatureSourceConfig) -> Path:
         return Path(cfg.features)
     if not cfg.checkpoint:
         raise ConfigError("give --checkpoint (to extract features) or --features FILE.npz")
+    check_checkpoint(cfg.checkpoint)
     train_split, test_split = cfg.train_split or SPLITS[cfg.dataset][0], cfg.test_split or SPLITS[cfg.dataset][1]
     transform = eval_transform(cfg.resize, cfg.crop)
     train_ds, test_ds = build_datasets(cfg.data, cfg.dataset, train_split, test_split, transform)
