@@ -1,0 +1,331 @@
+"""results/: gathering metrics.json trees, mean±std, model-zoo tables (published vs measured), CSV, PNGs.
+
+Fixture sweeps are hand-made metrics.json / metrics.jsonl files (written through results.records so they
+follow the real schema); every expected number below is computed by hand in the comments.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from results import published
+from results.cli import main as results_main
+from results.gather import aggregate, gather, population_std, read_curve
+from results.plots import plot_linear_layers, plot_lowshot, plot_pretrain_curves, plot_pretrain_grid
+from results.records import write_metrics
+from results.tables import (build_tables, checkpoint_table, coco_table, fmt_mean_std, linear_table,
+                            lowshot_table, pretrain_table, readme_table, semisup_table, write_tables)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+V1 = dict(arch="resnet50", width=64, epochs=200, batch_size=256, lr=0.03, cos=False, moco_dim=128, moco_k=65536,
+          moco_m=0.999, moco_t=0.07, mlp=False, aug_plus=False, image_size=224, shuffle_bn=True, data="/imagenet",
+          seed=0, out="x", workers=8)
+V2 = {**V1, "cos": True, "moco_t": 0.2, "mlp": True, "aug_plus": True}
+
+
+def md5_of(tag: str) -> str:
+    return (tag * 32)[:32]
+
+
+def pretrain_run(d, config, *, md5, loss=7.0, acc1=90.0, hours=1.0, ckpt_epoch=None, curve=None):
+    epochs = config["epochs"]
+    ckpt = d / f"checkpoint_{(ckpt_epoch or epochs) - 1:04d}.pth.tar"
+    write_metrics(d, stage="pretrain", benchmark="moco", config=config, start="t",
+                  metrics={"loss": loss, "acc1": acc1, "epochs": epochs, "hours": hours, "bad_images": 0},
+                  checkpoint=ckpt, checkpoint_md5=md5)
+    if curve is not None:
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in curve))
+    return ckpt
+
+
+def eval_run(d, benchmark, metrics, *, ckpt, md5, stage="eval", config=None):
+    write_metrics(d, stage=stage, benchmark=benchmark, metrics=metrics, config=config or {}, start="t",
+                  checkpoint=ckpt, checkpoint_md5=md5)
+
+
+def curve(n_epochs=3, steps_per_epoch=4, loss0=8.0, osc=0.0):
+    """Per-step + per-epoch records like pretrain/train.py's RunLog; `osc` adds a ±osc sawtooth."""
+    out, step = [], 0
+    for e in range(n_epochs):
+        losses = []
+        for i in range(steps_per_epoch):
+            step += 1
+            loss = loss0 - 0.5 * step / steps_per_epoch + (osc if step % 2 else -osc)
+            losses.append(loss)
+            out.append({"step": step, "epoch": e, "loss": loss, "acc1": 5.0 * step, "lr": 0.03, "img_per_s": 1.0})
+        out.append({"epoch": e, "step": step, "epoch_loss": float(np.mean(losses)), "epoch_acc1": 5.0 * step})
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Official-recipe v1/v2, 200 epochs, 2 trials each (seeds 0/1), with linear/svm/lowshot/semisup/detection
+    evaluations; evaluators link by md5 (v1), by checkpoint dir (v2 trial 0), by layout (v2 trial 1).
+    Shared by the module's tests (read-only; the CLI test works on a copy)."""
+    tmp_path = tmp_path_factory.mktemp("zoo")
+    root = tmp_path / "sweep"
+    top1 = {("v1", 0): 61.0, ("v1", 1): 61.4, ("v2", 0): 67.0, ("v2", 1): 67.2}
+    for method, cfg in (("v1", V1), ("v2", V2)):
+        for seed in (0, 1):
+            base = root / method / f"trial{seed}"
+            md5 = md5_of(f"{method[1]}{seed}")
+            ckpt = pretrain_run(base / "pretrain", {**cfg, "seed": seed}, md5=md5, hours=50.0 + 2 * seed,
+                                loss=6.0 + seed, curve=curve())
+            link = {"md5": md5, "ckpt": ckpt}
+            if method == "v2" and seed == 0:
+                link["md5"] = md5_of("c")  # a different file in the same run dir (e.g. re-saved)
+            if method == "v2" and seed == 1:
+                link = {"md5": md5_of("d"), "ckpt": tmp_path / "converted" / "v2_1.pth"}  # converted copy
+            eval_run(base / "linear", "linear", {"top1": top1[(method, seed)], "top5": 85.0,
+                                                 "feature5/top1": 60.0 + seed, "avgpool/top1": 62.0 + seed},
+                     ckpt=link["ckpt"], md5=link["md5"])
+            eval_run(base / "svm", "svm", {"mAP": 80.0 + seed, "AP/cat": 70.0, "details": {"C": 1.0}},
+                     ckpt=link["ckpt"], md5=link["md5"], config={"layer": "res5"})
+            eval_run(base / "lowshot", "lowshot",
+                     {f"k{k}/mAP_mean": 40.0 + k / 10 + seed for k in published.LOWSHOT_K},
+                     ckpt=link["ckpt"], md5=link["md5"])
+            eval_run(base / "semisup1", "semisup", {"top1": 30.0 + seed, "top5": 60.0,
+                                                    "grid/lr0.01_head100/top1": 30.0 + seed,
+                                                    "grid/lr0.1_head1/top1": 20.0},
+                     ckpt=link["ckpt"], md5=link["md5"], config={"subset": "1pct"})
+            eval_run(base / "voc", "voc07-c4", {"AP": 55.0 + seed, "AP50": 81.0, "AP75": 62.0},
+                     ckpt=link["ckpt"], md5=link["md5"], stage="transfer")
+    return root
+
+
+def test_gather_tidy_rows_and_links(zoo):
+    g = gather(zoo, progress=False)
+    df = g.frame
+    assert list(df.columns[:6]) == ["checkpoint", "variant", "benchmark", "metric", "trial", "value"]
+    assert set(df["variant"]) == {"v1", "v2"}  # only seeds differ within each method
+    assert set(df["trial"]) == {0, 1}
+    # 4 pretrain runs x 5 numbers + 4 x (4 linear + 2 svm + 8 lowshot + 4 semisup + 3 voc); "details" skipped
+    assert len(df) == 4 * 5 + 4 * (4 + 2 + 8 + 4 + 3)
+    assert set(df["benchmark"]) == {"moco", "linear", "svm", "lowshot", "semisup-1pct", "voc07-c4"}
+    links = df[df["stage"] != "pretrain"].groupby(["variant", "trial"])["link"].first().to_dict()
+    assert links == {("v1", 0): "md5", ("v1", 1): "md5", ("v2", 0): "checkpoint dir", ("v2", 1): "layout"}
+    row = df[(df["variant"] == "v1") & (df["trial"] == 1) & (df["metric"] == "top1")].iloc[0]
+    assert (row["value"], row["checkpoint"], row["official"], row["epochs"]) == (61.4, "11111111", "v1", 200)
+    assert g.warnings == []
+    assert [p.parent.name for p in g.pretrain_dirs["v2"]] == ["trial0", "trial1"]
+
+
+def test_mean_std_by_hand_and_official_trials():
+    # README trials: v1 mean 60.78, population std sqrt(0.188/5)=0.194 -> "60.8±0.2";
+    # v2 mean 67.52, sqrt(0.108/5)=0.147 -> "67.5±0.1" (the sample std 0.164 would print 0.2).
+    for ref in (r for r in published.REFERENCES if r.trials):
+        text = fmt_mean_std(np.mean(ref.trials), population_std(ref.trials), len(ref.trials), 1)
+        assert text == f"{ref.value:.1f}±{ref.std:.1f}"
+    assert population_std([61.0, 61.4]) == pytest.approx(0.2)
+    assert fmt_mean_std(61.2, 0.0, 1, 1) == "61.2" and fmt_mean_std(float("nan"), 0, 0) == "—"
+
+
+def test_aggregate_and_published(zoo):
+    agg = aggregate(gather(zoo, progress=False).frame)
+    top1 = agg[(agg["benchmark"] == "linear") & (agg["metric"] == "top1")].set_index("model")
+    # v1: (61.0 + 61.4) / 2 = 61.2, std 0.2, published 60.8 -> diff +0.4; v2: 67.1 ± 0.1 vs 67.5 -> -0.4
+    assert top1.loc["v1", ["mean", "std", "n", "published", "published_std"]].tolist() == pytest.approx(
+        [61.2, 0.2, 2, 60.8, 0.2])
+    assert top1.loc["v1", "diff"] == pytest.approx(0.4) and top1.loc["v2", "diff"] == pytest.approx(-0.4)
+    assert top1.loc["v2", "source"] == "moco-readme"
+    voc = agg[(agg["benchmark"] == "voc07-c4") & (agg["metric"] == "AP")].set_index("model")
+    assert voc.loc["v2", "mean"] == pytest.approx(55.5) and voc.loc["v2", "published"] == 57.0
+
+
+def test_readme_table_markdown(zoo):
+    t = readme_table(gather(zoo, progress=False).frame)
+    md = t.to_markdown()
+    header = next(line for line in md.splitlines() if line.startswith("| Arch"))
+    assert header == ("| Arch | Setting | pre-train epochs | pre-train time (h) | pre-train time (h) (published) | "
+                      "Δ pre-train time (h) | MoCo v1 top-1 | MoCo v1 top-1 (published) | Δ MoCo v1 top-1 | "
+                      "MoCo v2 top-1 | MoCo v2 top-1 (published) | Δ MoCo v2 top-1 |")
+    # hours: 50, 52, 50, 52 -> 51.0±1.0 vs 53 -> -2.0
+    assert "| resnet50 | — | 200 | 51.0±1.0 | 53.0 | -2.0 | 61.2±0.2 | 60.8±0.2 | +0.4 | 67.1±0.1 | 67.5±0.1 | -0.4 |" in md
+
+
+def test_family_tables(zoo):
+    frame = gather(zoo, progress=False).frame
+    low = lowshot_table(frame).frame.set_index("Model")
+    # v2 k=1: trials 40.1 and 41.1 -> 40.6; published (OpenSelfSup) 43.0 -> -2.4
+    assert low.loc["v2", ["k=1", "k=1 published", "k=1 diff"]].tolist() == pytest.approx([40.6, 43.0, -2.4])
+    lin = linear_table(frame)
+    assert lin.frame.set_index("Model").loc["v2", "AvgPool published"] == 67.56
+    md = lin.to_markdown()
+    # only measured columns are shown, each followed by its published number and the difference
+    assert "Feature1" not in md and "| Feature5 | Feature5 (published) | Δ Feature5 | AvgPool |" in md
+    semi = semisup_table(frame)
+    row = semi.frame.set_index("Model").loc["v1"]
+    assert row["best 1% cell"] == "lr0.01_head100" and row["1% top-1"] == pytest.approx(30.5)
+    assert row["1% top-1 published"] == 33.15 and math.isnan(row["10% top-1"])
+    assert "| v1 |" in semi.to_markdown()
+    svm = build_tables(frame)
+    names = [t.name for t in svm]
+    assert names == ["readme", "pretrain", "linear", "svm", "lowshot", "semisup", "detection", "checkpoints"]
+    svm_row = next(t for t in svm if t.name == "svm").frame.iloc[0]
+    assert svm_row["Layer"] == "res5"
+    assert coco_table(frame).frame.empty
+
+
+def test_checkpoint_table(zoo):
+    t = checkpoint_table(gather(zoo, progress=False).frame)
+    df = t.frame
+    # 4 pretrain checkpoints + 2 other files evaluated (md5 c..., d...)
+    assert len(df) == 6
+    v1 = df[(df["Model"] == "v1") & (df["md5"] == "11111111")].iloc[0]
+    assert (v1["trial"], v1["epochs"], v1["mlp"], v1["top-1"], v1["top-1 published"]) == (1, 200, False, 61.4, 60.6)
+    v2 = df[df["md5"] == "cccccccc"].iloc[0]
+    assert (v2["Model"], bool(v2["mlp"]), v2["top-1"], v2["top-1 published"]) == ("v2", True, 67.0, 67.7)
+    assert "| v1 | 1 | 200 |  |  |  | 11111111 |" in t.to_markdown()
+
+
+def test_csv_round_trip(zoo, tmp_path):
+    g = gather(zoo, progress=False)
+    written = write_tables(g, tmp_path / "out")
+    for t in build_tables(g.frame):
+        back = pd.read_csv(written[f"{t.name}.csv"])
+        want = t.csv_frame().reset_index(drop=True)
+        assert list(back.columns) == list(want.columns)
+        for col in want.columns:
+            if pd.api.types.is_numeric_dtype(back[col]) and not pd.api.types.is_bool_dtype(back[col]):
+                np.testing.assert_allclose(back[col].astype(float), pd.to_numeric(want[col]).astype(float),
+                                           err_msg=f"{t.name}:{col}")
+            else:
+                assert back[col].fillna("").astype(str).tolist() == want[col].fillna("").astype(str).tolist()
+    long = pd.read_csv(written["results_long.csv"])
+    assert len(long) == len(g.frame) and long["value"].sum() == pytest.approx(g.frame["value"].sum())
+    assert (tmp_path / "out" / "tables.md").read_text().count("### ") == len(build_tables(g.frame))
+
+
+@pytest.fixture
+def ablation(tmp_path):
+    """MoCo v1 demo-size runs, m in {0, 0.9, 0.999} x ShuffleBN on/off; m=0 oscillates."""
+    root = tmp_path / "ablation"
+    small = {**V1, "arch": "resnet18_small", "epochs": 3, "data": "demo"}
+    for m in (0.0, 0.9, 0.999):
+        for sbn in (True, False):
+            d = root / f"m{m}_sbn{int(sbn)}"
+            c = curve(osc=2.0 if m == 0.0 else 0.0)
+            if m == 0.0 and not sbn:
+                c[3]["loss"] = float("nan")  # one diverged step: must be left out, not crash
+            pretrain_run(d, {**small, "moco_m": m, "shuffle_bn": sbn}, md5=md5_of(f"{int(m * 1000) % 10}{int(sbn)}"),
+                         curve=c, loss=c[-1]["epoch_loss"], acc1=c[-1]["epoch_acc1"])
+    return root
+
+
+def test_ablation_variants_and_tables(ablation):
+    g = gather(ablation, progress=False)
+    variants = sorted(g.pretrain_dirs)
+    assert variants == sorted(f"v1 moco_m={m} shuffle_bn={s}" for m in (0.0, 0.9, 0.999) for s in (True, False))
+    t = pretrain_table(g.frame)
+    md = t.to_markdown()
+    assert "(published)" not in md  # demo data, resnet18_small: no published number applies
+    # last epoch: steps 9..12, loss 8 - step/8 (+-2 for m=0, cancelling) -> mean 6.6875; acc 5 * 12 = 60
+    assert "| v1 moco_m=0.0 shuffle_bn=False | resnet18_small 3ep | 6.688 | 60.0 | 1.00 |" in md
+
+
+def test_plots_write_pngs(ablation, zoo, tmp_path):
+    g = gather(ablation, progress=False)
+    out = plot_pretrain_curves(g.pretrain_dirs, tmp_path / "p" / "curves.png")
+    grid = plot_pretrain_grid(g.pretrain_dirs, tmp_path / "p" / "grid.png")
+    agg = aggregate(gather(zoo, progress=False).frame)
+    low = plot_lowshot(agg, tmp_path / "p" / "lowshot.png")
+    lin = plot_linear_layers(agg, tmp_path / "p" / "linear.png")
+    for png in (out, grid, low, lin):
+        data = png.read_bytes()
+        assert len(data) > 1000 and data[:8] == PNG_MAGIC
+    import matplotlib.image as mpimg
+    img = mpimg.imread(grid)
+    assert img.shape[0] > 300 and img.shape[1] > 600  # 2 rows of panels, 4 columns
+    assert plot_lowshot(aggregate(g.frame), tmp_path / "none.png") is None
+
+
+def test_single_run_curve_for_lead(tmp_path):
+    """The call pretrain/train.py makes at the end of one run: one label, one directory."""
+    d = tmp_path / "run"
+    d.mkdir()
+    c = curve()
+    # killed after logging epoch 1, resumed from the epoch-0 checkpoint: epoch 1 (steps 5..8 and its
+    # epoch record) is logged twice and the later lines win
+    relog = [{**x, **({"loss": x["loss"] - 1} if "loss" in x else {"epoch_loss": x["epoch_loss"] - 1})}
+             for x in c[5:10]]
+    resumed = c[:10] + relog + c[10:]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in resumed))
+    steps, epochs = read_curve(d)
+    assert steps["step"].tolist() == list(range(1, 13)) and epochs["epoch"].tolist() == [0, 1, 2]
+    assert steps.loc[steps["step"] == 6, "loss"].item() == pytest.approx(c[6]["loss"] - 1)
+    assert epochs.loc[1, "epoch_loss"] == pytest.approx(c[9]["epoch_loss"] - 1)
+    png = plot_pretrain_curves({"demo": d}, d / "loss_curve.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_stage_json_precedence(tmp_path):
+    root = tmp_path / "s"
+    for trial in (0, 1):
+        p = root / f"pre{trial}"
+        pretrain_run(p, {**V2, "seed": 0}, md5=md5_of(str(trial)))
+        (p / "stage.json").write_text(json.dumps({"variant": "mocov2-r50", "trial": trial, "stage": "pretrain",
+                                                  "checkpoint_id": f"ck{trial}"}))
+        e = root / "evals" / f"lin{trial}"
+        eval_run(e, "linear", {"top1": 67.0 + trial}, ckpt=tmp_path / "elsewhere.pth", md5=md5_of("e"))
+        (e / "stage.json").write_text(json.dumps({"variant": "mocov2-r50", "trial": trial, "stage": "linear",
+                                                  "checkpoint_id": f"ck{trial}"}))
+    df = gather(root, progress=False).frame
+    lin = df[df["benchmark"] == "linear"].sort_values("trial")
+    assert lin["variant"].tolist() == ["mocov2-r50"] * 2 and lin["trial"].tolist() == [0, 1]
+    assert lin["link"].tolist() == ["stage.json"] * 2 and lin["checkpoint"].tolist() == ["ck0", "ck1"]
+    assert lin["official"].tolist() == ["v2", "v2"]
+
+
+def test_intermediate_released_and_unlinked(tmp_path):
+    root = tmp_path / "s"
+    ckpt = pretrain_run(root / "run", V2, md5=md5_of("a"))
+    eval_run(root / "lin_ep100", "linear", {"top1": 50.0}, ckpt=ckpt.parent / "checkpoint_0099.pth.tar",
+             md5=md5_of("b"))
+    eval_run(tmp_path / "other" / "released", "linear", {"top1": 67.6},
+             ckpt=tmp_path / "moco_v2_200ep_pretrain.pth.tar", md5="59fd9945" + "0" * 24)
+    eval_run(tmp_path / "other" / "mystery", "knn", {"k20/top1": 10.0}, ckpt=tmp_path / "m.pth", md5=md5_of("f"))
+    g = gather(root, progress=False)
+    agg = aggregate(g.frame).set_index(["model", "metric"])
+    assert agg.loc[("v2 @100ep", "top1"), "epochs"] == 100
+    assert math.isnan(agg.loc[("v2 @100ep", "top1"), "published"])  # no published number at 100 epochs
+    g2 = gather(tmp_path / "other", progress=False)
+    agg2 = aggregate(g2.frame).set_index("model")
+    assert agg2.loc["released v2 200ep", "published"] == 67.5
+    assert "unlinked m.pth" in agg2.index and any("no pretrain run" in w for w in g2.warnings)
+
+
+def test_official_recipe_detection():
+    assert published.official_method(V1) == "v1" and published.official_method(V2) == "v2"
+    assert published.official_method({**V2, "batch_size": 128, "lr": 0.015}) == "v2"  # linear lr scaling
+    assert published.official_method({**V2, "moco_m": 0.99}) is None
+    assert published.official_method({**V1, "arch": "resnet18"}) is None
+    assert published.official_method({**V1, "mlp": True}) is None and published.method_of({**V1, "mlp": True}) == "v1+mlp"
+    assert published.official_method({}) is None
+
+
+def test_bad_records_and_cli(zoo, tmp_path, capsys):
+    zoo = Path(shutil.copytree(zoo, tmp_path / "copy"))
+    bad = zoo / "v1" / "broken"
+    bad.mkdir()
+    (bad / "metrics.json").write_text("{not json")
+    g = gather(zoo, progress=False)
+    assert len(g.warnings) == 1 and "broken" in g.warnings[0]
+    with pytest.raises(ValueError, match="broken"):
+        gather(zoo, strict=True, progress=False)
+    assert results_main([str(zoo), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert str(zoo / "tables" / "tables.md") in out and (zoo / "tables" / "readme.csv").exists()
+    assert results_main([str(zoo), "--strict"]) == 2
+    assert "broken" in capsys.readouterr().err
+    assert results_main([str(tmp_path / "missing")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert results_main([str(empty)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
