@@ -7,7 +7,8 @@ One row per (checkpoint, variant, benchmark, metric, trial) with its value, plus
   run's variant is derived from its config — the method (v1 / v2 from mlp, aug_plus, cos) plus the config
   fields whose values differ between the sweep's runs of that method (seeds and bookkeeping excluded) —
   and its trial is the config's `trial` or `seed` (renumbered by path when those collide);
-* an evaluator / transfer record is linked to its pretrain run by, in order: stage.json (variant, trial),
+* an evaluator / transfer record is linked to its pretrain run by, in order: stage.json (checkpoint_id,
+  then variant + trial),
   the checkpoint md5, the checkpoint's directory, or the directory layout (the nearest enclosing directory
   that holds exactly one pretrain run). Checkpoints of the official releases are recognised by md5.
 
@@ -211,6 +212,11 @@ def identify_pretrain(records: list[Record]) -> dict[int, Ident]:
 
 def _link(rec: Record, records: list[Record], pre: dict[int, Ident], root: Path) -> tuple[int | None, str]:
     """Index of the pretrain record an evaluator record belongs to, and how it was found."""
+    if rec.stage_info and rec.stage_info.get("checkpoint_id") is not None:
+        want = rec.stage_info["checkpoint_id"]
+        hits = [i for i in pre if (records[i].stage_info or {}).get("checkpoint_id") == want]
+        if len(hits) == 1:
+            return hits[0], "stage.json"
     if rec.stage_info and rec.stage_info.get("variant") is not None:
         want = (str(rec.stage_info["variant"]), _stage_trial(rec.stage_info))
         hits = [i for i, ident in pre.items() if (ident.variant, ident.trial) == want]

@@ -4,7 +4,8 @@ Families (layouts of the official MoCo README and of the MMSelfSup / OpenSelfSup
   readme       pre-train epochs | time | MoCo v1 top-1 | MoCo v2 top-1  (mean±std over trials)
   pretrain     final loss / instance accuracy / hours per variant (ablations such as m × ShuffleBN)
   svm          VOC07 SVM mAP;   lowshot  VOC07 low-shot SVM mAP for k = 1 .. 96
-  linear       Feature1..Feature5 + AvgPool (+ top-1/top-5);   knn  k=20 / k=200 top-1
+  linear       Feature1..Feature5 + AvgPool (+ top-1/top-5);   linear_fast  the cached-feature proxy
+  knn          k=20 / k=200 top-1
   semisup      1% and 10% labels, top-1 / top-5 and the chosen grid cell
   detection    VOC07 AP50 / AP / AP75;   coco  box and mask AP / AP50 / AP75
   checkpoints  epochs, mlp/aug+/cos, top-1, md5 prefix (official "Models" table)
@@ -28,11 +29,14 @@ DASH = "—"
 
 @dataclass(frozen=True)
 class Col:
-    """A measured column: `metric` of `benchmark` (None = the row's own benchmark)."""
+    """A measured column: `metric` read from the first of `benchmarks` that has it (None: the row's own
+    benchmark, or any benchmark of the table); published numbers are looked up under `ref` (default: the
+    benchmark read)."""
     label: str
     metric: str
-    benchmark: str | None = None
+    benchmarks: tuple[str, ...] | None = None
     decimals: int = 2
+    ref: str | None = None
 
 
 @dataclass
@@ -156,10 +160,14 @@ def family_table(frame: pd.DataFrame, name: str, title: str, benchmarks: list[st
         for label, fn in (extra or {}).items():
             row[label] = fn(group)
         for c in cols:
-            bench = c.benchmark or (key[1] if per_benchmark else None)
-            values = group[(group["metric"] == c.metric) & ((group["benchmark"] == bench) if bench else True)]
-            ref_bench = bench or (values["benchmark"].iloc[0] if len(values) else None)
-            ref = published.lookup(ref_bench, c.metric, official, epochs) if ref_bench else None
+            candidates = c.benchmarks or ((key[1],) if per_benchmark else tuple(dict.fromkeys(group["benchmark"])))
+            values, bench = group.iloc[0:0], candidates[0]
+            for b in candidates:
+                v = group[(group["metric"] == c.metric) & (group["benchmark"] == b)]
+                if len(v):
+                    values, bench = v, b
+                    break
+            ref = published.lookup(c.ref or bench, c.metric, official, epochs)
             _put(row, c.label, _cell(values["value"], ref))
         rows.append(row)
     df = pd.DataFrame(rows, columns=ids + _empty_cols(cols))
@@ -183,8 +191,8 @@ def readme_table(frame: pd.DataFrame) -> Table:
     lin = frame[(frame["benchmark"] == "linear") & (frame["metric"] == "top1") & frame["method"].notna()]
     pre = frame[(frame["stage"] == "pretrain") & (frame["metric"] == "hours")]
     methods = sorted(lin["method"].unique(), key=lambda m: (m not in METHOD_LABEL, m))
-    cols = [Col("pre-train time (h)", "hours", "moco", 1)]
-    cols += [Col(f"{METHOD_LABEL.get(m, m)} top-1", "top1", "linear", 1) for m in methods]
+    cols = [Col("pre-train time (h)", "hours", ("moco",), 1)]
+    cols += [Col(f"{METHOD_LABEL.get(m, m)} top-1", "top1", ("linear",), 1) for m in methods]
     ids = ["Arch", "Setting", "pre-train epochs"]
     rows = []
     keys = ["arch", "setting", "epochs"]
@@ -228,11 +236,27 @@ def lowshot_table(frame: pd.DataFrame) -> Table:
                         ["lowshot"], cols, extra={"Config": _config_summary})
 
 
+LINEAR = ("linear", "linear_multihead")
+
+
 def linear_table(frame: pd.DataFrame) -> Table:
+    """MMSelfSup layout: Feature1..5 from the multi-head run (ImageNet "Multi"), AvgPool / top-1 / top-5 from
+    main_lincls (ImageNet "Last"); either benchmark fills in when the other is missing."""
+    cols = [Col(f"Feature{i}", f"feature{i}/top1", LINEAR[::-1], ref="linear") for i in range(1, 6)]
+    cols += [Col("AvgPool", "avgpool/top1", LINEAR, ref="linear"), Col("top-1", "top1", ("linear",)),
+             Col("top-5", "top5", ("linear",))]
+    return family_table(frame, "linear", "Linear classification per layer (top-1)", list(LINEAR), cols,
+                        extra={"Config": _config_summary})
+
+
+def linear_fast_table(frame: pd.DataFrame) -> Table:
+    """The cached-feature proxy (evaluate/linear.py mode "fast"): never compared with published numbers."""
     cols = [Col(f"Feature{i}", f"feature{i}/top1") for i in range(1, 6)]
     cols += [Col("AvgPool", "avgpool/top1"), Col("top-1", "top1"), Col("top-5", "top5")]
-    return family_table(frame, "linear", "Linear classification per layer (top-1)", ["linear"], cols,
-                        extra={"Config": _config_summary})
+    return family_table(frame, "linear_fast", "Linear classification, fast proxy on cached features (top-1)",
+                        ["linear_fast"], cols, extra={"Config": _config_summary},
+                        notes=["A proxy of the linear protocol (cached features, short schedule): no published "
+                               "numbers apply."])
 
 
 def knn_table(frame: pd.DataFrame) -> Table:
@@ -256,8 +280,9 @@ def _best_cells(frame: pd.DataFrame, bench: str):
 
 
 def semisup_table(frame: pd.DataFrame) -> Table:
-    cols = [Col("1% top-1", "top1", "semisup-1pct"), Col("1% top-5", "top5", "semisup-1pct"),
-            Col("10% top-1", "top1", "semisup-10pct"), Col("10% top-5", "top5", "semisup-10pct")]
+    one, ten = ("semisup-1pct",), ("semisup-10pct",)
+    cols = [Col("1% top-1", "top1", one), Col("1% top-5", "top5", one), Col("10% top-1", "top1", ten),
+            Col("10% top-5", "top5", ten)]
     return family_table(frame, "semisup", "Semi-supervised fine-tuning (ImageNet 1% / 10% labels)",
                         ["semisup-1pct", "semisup-10pct"], cols,
                         extra={"Config": _config_summary, "best 1% cell": _best_cells(frame, "semisup-1pct"),
@@ -280,7 +305,7 @@ def coco_table(frame: pd.DataFrame) -> Table:
 
 def checkpoint_table(frame: pd.DataFrame) -> Table:
     """One row per checkpoint file seen (by md5): flags, epochs, top-1 of its linear evaluations, md5."""
-    cols = [Col("top-1", "top1", "linear", 1)]
+    cols = [Col("top-1", "top1", ("linear",), 1)]
     ids = ["Model", "trial", "epochs", "mlp", "aug+", "cos", "md5", "path"]
     rows = []
     with_ckpt = frame[frame["ckpt_md5"].notna()]
@@ -311,7 +336,7 @@ def checkpoint_table(frame: pd.DataFrame) -> Table:
     return Table("checkpoints", "Checkpoints", ids, cols, df, notes)
 
 
-FAMILIES = (readme_table, pretrain_table, linear_table, knn_table, svm_table, lowshot_table, semisup_table,
+FAMILIES = (readme_table, pretrain_table, linear_table, linear_fast_table, knn_table, svm_table, lowshot_table, semisup_table,
             detection_table, coco_table, checkpoint_table)
 
 

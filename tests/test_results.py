@@ -95,6 +95,9 @@ def zoo(tmp_path_factory):
                                                     "grid/lr0.01_head100/top1": 30.0 + seed,
                                                     "grid/lr0.1_head1/top1": 20.0},
                      ckpt=link["ckpt"], md5=link["md5"], config={"subset": "1pct"})
+            if method == "v2" and seed == 0:  # MMSelfSup multi-head run: Feature1..5
+                eval_run(base / "multihead", "linear_multihead",
+                         {f"feature{i}/top1": 10.0 * i for i in range(1, 6)}, ckpt=link["ckpt"], md5=link["md5"])
             eval_run(base / "voc", "voc07-c4", {"AP": 55.0 + seed, "AP50": 81.0, "AP75": 62.0},
                      ckpt=link["ckpt"], md5=link["md5"], stage="transfer")
     return root
@@ -106,9 +109,11 @@ def test_gather_tidy_rows_and_links(zoo):
     assert list(df.columns[:6]) == ["checkpoint", "variant", "benchmark", "metric", "trial", "value"]
     assert set(df["variant"]) == {"v1", "v2"}  # only seeds differ within each method
     assert set(df["trial"]) == {0, 1}
-    # 4 pretrain runs x 5 numbers + 4 x (4 linear + 2 svm + 8 lowshot + 4 semisup + 3 voc); "details" skipped
-    assert len(df) == 4 * 5 + 4 * (4 + 2 + 8 + 4 + 3)
-    assert set(df["benchmark"]) == {"moco", "linear", "svm", "lowshot", "semisup-1pct", "voc07-c4"}
+    # 4 pretrain runs x 5 numbers + 4 x (4 linear + 2 svm + 8 lowshot + 4 semisup + 3 voc) + 5 multihead;
+    # "details" is skipped
+    assert len(df) == 4 * 5 + 4 * (4 + 2 + 8 + 4 + 3) + 5
+    assert set(df["benchmark"]) == {"moco", "linear", "linear_multihead", "svm", "lowshot", "semisup-1pct",
+                                    "voc07-c4"}
     links = df[df["stage"] != "pretrain"].groupby(["variant", "trial"])["link"].first().to_dict()
     assert links == {("v1", 0): "md5", ("v1", 1): "md5", ("v2", 0): "checkpoint dir", ("v2", 1): "layout"}
     row = df[(df["variant"] == "v1") & (df["trial"] == 1) & (df["metric"] == "top1")].iloc[0]
@@ -158,8 +163,14 @@ def test_family_tables(zoo):
     lin = linear_table(frame)
     assert lin.frame.set_index("Model").loc["v2", "AvgPool published"] == 67.56
     md = lin.to_markdown()
+    # Feature1..4 come from the multi-head run (v2 only), Feature5 from it where present, else from lincls;
     # only measured columns are shown, each followed by its published number and the difference
-    assert "Feature1" not in md and "| Feature5 | Feature5 (published) | Δ Feature5 | AvgPool |" in md
+    lf = lin.frame.set_index("Model")
+    assert lf.loc["v2", ["Feature1", "Feature1 n", "Feature1 published"]].tolist() == [10.0, 1, 15.96]
+    assert lf.loc["v2", "Feature5"] == 50.0 and lf.loc["v1", "Feature5"] == pytest.approx(60.5)
+    assert math.isnan(lf.loc["v1", "Feature1"]) and lf.loc["v1", "Feature1 published"] == 15.32
+    assert "| v1 | resnet50 200ep | — | 15.32 | — |" in md
+    assert "| Feature5 | Feature5 (published) | Δ Feature5 | AvgPool |" in md
     semi = semisup_table(frame)
     row = semi.frame.set_index("Model").loc["v1"]
     assert row["best 1% cell"] == "lr0.01_head100" and row["1% top-1"] == pytest.approx(30.5)
@@ -266,21 +277,26 @@ def test_single_run_curve_for_lead(tmp_path):
 
 
 def test_stage_json_precedence(tmp_path):
+    """The sweep's stage.json (slurm/stages.py): a benchmark with 2 trials per pretrain trial t gets trials
+    2t + k and the pretrain's checkpoint_id; that id links it even though the checkpoint file moved."""
     root = tmp_path / "s"
-    for trial in (0, 1):
-        p = root / f"pre{trial}"
-        pretrain_run(p, {**V2, "seed": 0}, md5=md5_of(str(trial)))
-        (p / "stage.json").write_text(json.dumps({"variant": "mocov2-r50", "trial": trial, "stage": "pretrain",
-                                                  "checkpoint_id": f"ck{trial}"}))
-        e = root / "evals" / f"lin{trial}"
-        eval_run(e, "linear", {"top1": 67.0 + trial}, ckpt=tmp_path / "elsewhere.pth", md5=md5_of("e"))
-        (e / "stage.json").write_text(json.dumps({"variant": "mocov2-r50", "trial": trial, "stage": "linear",
-                                                  "checkpoint_id": f"ck{trial}"}))
+    for t in (0, 1):
+        p = root / "mocov2-r50" / f"trial{t}" / "pretrain"
+        pretrain_run(p, {**V2, "seed": 0}, md5=md5_of(str(t)))
+        ident = {"variant": "mocov2-r50", "checkpoint_id": f"mocov2-r50/trial{t}"}
+        (p / "stage.json").write_text(json.dumps({**ident, "trial": t, "stage": "pretrain", "id": "x"}))
+        for k in (0, 1):
+            e = root / "evals" / f"lin{t}{k}"  # not below the pretrain dir: layout cannot link it
+            eval_run(e, "linear", {"top1": 67.0 + 2 * t + k}, ckpt=tmp_path / "elsewhere.pth", md5=md5_of("e"))
+            (e / "stage.json").write_text(json.dumps({**ident, "trial": 2 * t + k, "benchmark_trial": k,
+                                                      "stage": "eval"}))
     df = gather(root, progress=False).frame
     lin = df[df["benchmark"] == "linear"].sort_values("trial")
-    assert lin["variant"].tolist() == ["mocov2-r50"] * 2 and lin["trial"].tolist() == [0, 1]
-    assert lin["link"].tolist() == ["stage.json"] * 2 and lin["checkpoint"].tolist() == ["ck0", "ck1"]
-    assert lin["official"].tolist() == ["v2", "v2"]
+    assert lin["variant"].tolist() == ["mocov2-r50"] * 4 and lin["trial"].tolist() == [0, 1, 2, 3]
+    assert lin["link"].tolist() == ["stage.json"] * 4 and lin["official"].tolist() == ["v2"] * 4
+    assert lin["checkpoint"].tolist() == ["mocov2-r50/trial0"] * 2 + ["mocov2-r50/trial1"] * 2
+    agg = aggregate(df).set_index(["model", "metric"])
+    assert agg.loc[("mocov2-r50", "top1"), ["mean", "n"]].tolist() == pytest.approx([68.5, 4])
 
 
 def test_intermediate_released_and_unlinked(tmp_path):
