@@ -258,6 +258,7 @@ def identify_eval(rec: Record, records: list[Record], pre: dict[int, Ident], roo
         method, epochs, _ = published.RELEASED[_short(rec.ckpt_md5)]
         ident = Ident(variant=f"released {method} {epochs}ep", trial=0, checkpoint=ckpt_id, method=method,
                       official=method, arch="resnet50", epochs=epochs, run_epochs=epochs, link="released md5",
+                      setting="released checkpoint",
                       flags={k: method == "v2" for k in ("mlp", "aug_plus", "cos")})
     else:
         name = Path(rec.ckpt_path).name if rec.ckpt_path else rec.run

@@ -314,6 +314,9 @@ def test_intermediate_released_and_unlinked(tmp_path):
     g2 = gather(tmp_path / "other", progress=False)
     agg2 = aggregate(g2.frame).set_index("model")
     assert agg2.loc["released v2 200ep", "published"] == 67.5
+    readme = readme_table(g2.frame).frame.iloc[0]  # its own row, never averaged with a sweep's own runs
+    assert (readme["Setting"], readme["MoCo v2 top-1"], readme["MoCo v2 top-1 diff"]) == pytest.approx(
+        ("released checkpoint", 67.6, 0.1))
     assert "unlinked m.pth" in agg2.index and any("no pretrain run" in w for w in g2.warnings)
 
 
