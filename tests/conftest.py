@@ -1,0 +1,24 @@
+"""Shared pytest fixtures.
+
+`demo_data`: the embedded demo dataset (pretrain/demo_data.py), generated once per machine into
+REPO/.cache/demo-data (gitignored) and reused by every later test run. $MOCOBENCH_DATA is pointed there
+for the whole test session, so code under test that asks for the demo data (`--data demo`,
+`ensure_demo_data()` with no root, subprocesses and submitit jobs) uses the same copy.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_ROOT = REPO / ".cache" / "demo-data"
+os.environ["MOCOBENCH_DATA"] = str(DEMO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def demo_data():
+    """pretrain.demo_data.DemoData for the shared test copy (first use on a machine: ~10 s to build)."""
+    from pretrain.demo_data import ensure_demo_data
+    return ensure_demo_data(DEMO_ROOT)
