@@ -85,8 +85,16 @@ def _numpy_globals() -> dict[str, Any]:
     return out
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """How protocol-2 pickles spell bytes (`_codecs.encode(str, "latin1")`); no other codec is admitted."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"GLOBAL _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1", errors)
+
+
 SAFE_GLOBALS: dict[str, Any] = {**_numpy_globals(), "argparse.Namespace": argparse.Namespace,
                                 "collections.OrderedDict": collections.OrderedDict}
+_PICKLE_ONLY_GLOBALS = {"_codecs.encode": _latin1_encode}  # torch's weights_only unpickler admits it itself
 
 
 def _refusal(path: Path, names: list[str]) -> CheckpointError:
@@ -102,8 +110,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
-        if key in SAFE_GLOBALS:
-            return SAFE_GLOBALS[key]
+        if key in SAFE_GLOBALS or key in _PICKLE_ONLY_GLOBALS:
+            return SAFE_GLOBALS.get(key) or _PICKLE_ONLY_GLOBALS[key]
         raise pickle.UnpicklingError(f"GLOBAL {key}")
 
 
@@ -192,7 +200,7 @@ def safe_load(path: str | Path, trust: bool = False) -> Any:
         head = f.read(16)
     if not head:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
-    if zipfile.is_zipfile(path):
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip container (>= 1.6)
         return _read_torch(path, trust, is_zip=True)
     if head[:1] == b"\x80":  # a pickle: detectron2 .pkl, or a legacy torch.save whose first object is magic
         try:
