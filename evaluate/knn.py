@@ -30,12 +30,12 @@ def nearest_neighbours(train_feats: np.ndarray, test_feats: np.ndarray, k: int, 
     """(similarities, indices), each (N_test, k) sorted by decreasing cosine similarity, of the k nearest
     train features; the train matrix is streamed in chunks of `chunk` rows."""
     device = device or torch.device("cpu")
-    test = F.normalize(torch.as_tensor(np.asarray(test_feats, dtype=np.float32)).to(device), dim=1)
+    test = F.normalize(torch.from_numpy(np.array(test_feats, dtype=np.float32)).to(device), dim=1)
     n_test, k = len(test), min(k, len(train_feats))
     top_sim = torch.full((n_test, k), -float("inf"), device=device)
     top_idx = torch.zeros((n_test, k), dtype=torch.long, device=device)
     for start in tqdm(range(0, len(train_feats), chunk), desc="knn", disable=None, leave=False):
-        block = torch.from_numpy(np.ascontiguousarray(train_feats[start:start + chunk], dtype=np.float32))
+        block = torch.from_numpy(np.array(train_feats[start:start + chunk], dtype=np.float32))  # chunk copy
         block = F.normalize(block.to(device), dim=1)
         ids = torch.arange(start, start + len(block), device=device)
         for t in range(0, n_test, test_chunk):

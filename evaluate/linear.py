@@ -378,7 +378,7 @@ def accuracy_on_features(head: nn.Linear, feats: np.ndarray, labels: np.ndarray,
     device = head.weight.device
     counts = torch.zeros(2, dtype=torch.float64)
     for s in range(0, len(feats), chunk):
-        x = torch.from_numpy(np.asarray(feats[s:s + chunk], dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.array(feats[s:s + chunk], dtype=np.float32)).to(device)  # copy of a chunk
         counts += topk_correct(head(x), torch.as_tensor(labels[s:s + chunk]).to(device))
     return {"top1": (100 * counts[0] / len(feats)).item(), "top5": (100 * counts[1] / len(feats)).item()}
 
