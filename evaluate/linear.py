@@ -35,7 +35,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from evaluate.features import (FeatureFileError, FeatureSourceConfig, LayerFeatures, amp_dtype,
-                               check_layer, load_features, load_frozen_backbone, resolve_features)
+                               check_checkpoint, check_layer, load_features, load_frozen_backbone, resolve_features)
 from pretrain import distributed as dist
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from pretrain.checkpoints import atomic_save, safe_load
@@ -265,9 +265,9 @@ def run_images(cfg: LinearConfig) -> dict:
     device = dist.init_from_env(cfg.dist_backend)
     torch.manual_seed(cfg.seed)
     layers = ["avgpool"] if cfg.mode == "lincls" else [check_layer(x) for x in cfg.layers]
+    train_ds, train_loader, sampler, val_loader = _loaders(cfg, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_ds, train_loader, sampler, val_loader = _loaders(cfg, device)
     backbone = load_frozen_backbone(cfg.checkpoint, cfg.seed)
     torch.manual_seed(cfg.seed + 1)  # head init and data order, independent of how the backbone was built
     model = LinearEval(backbone, layers, len(train_ds.classes), bn_heads=cfg.mode == "multihead",
@@ -415,6 +415,7 @@ def run(cfg: LinearConfig) -> dict:
         raise ConfigError("--features is only used by --mode fast; lincls/multihead train on images")
     if not cfg.checkpoint:
         raise ConfigError("give --checkpoint (a checkpoint path or random:ARCH[:WIDTH])")
+    check_checkpoint(cfg.checkpoint)
     if cfg.dataset != "imagefolder":
         raise ConfigError("linear evaluation reads an ImageFolder dataset (--dataset imagefolder)")
     return run_images(cfg)
