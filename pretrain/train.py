@@ -332,7 +332,10 @@ def run(cfg: PretrainConfig) -> dict:
         last = latest_checkpoint(out)
         write_metrics(out, stage="pretrain", benchmark="moco", metrics=metrics, config=to_dict(cfg),
                       start=start_time, checkpoint=last)
-        log.line(f"done: {last}" + (f"; {len(bad_files)} unreadable images skipped" if bad_files else ""))
+        from results.plots import plot_pretrain_curves
+        plot_pretrain_curves({cfg.arch: out}, out / "loss_curve.png")
+        log.line(f"done: {last}, loss curve {out / 'loss_curve.png'}"
+                 + (f"; {len(bad_files)} unreadable images skipped" if bad_files else ""))
     log.close()
     return metrics
 
