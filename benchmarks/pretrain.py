@@ -1,0 +1,191 @@
+"""`mocobench bench pretrain`: throughput of one MoCo v2 training step (ResNet-50, batch 32) in the official
+recipe (fp32, NCHW, no autocast: `PretrainConfig(amp=False, channels_last=False)`) against the project's
+default fast path (`PretrainConfig()`'s amp / channels_last), interleaved round by round in one process.
+
+The step is the one of `pretrain.train.run` (model from `pretrain.train.build_model`, SGD, cross-entropy on
+MoCo's logits, autocast bf16 on CPU / fp16-bf16 on GPU when amp is on) on synthetic image tensors, so data
+loading is not timed (`mocobench bench loader` measures that). Batch 32 is one GPU's share of the official
+8-GPU batch 256, so the step runs as one rank: one BN group (ShuffleBN still shuffles the batch).
+
+Also printed: the model FLOP/s of each variant (FLOPs of one step counted by torch's FlopCounterMode:
+query forward + backward, key forward) against this machine's bf16 and fp32 matmul peaks, measured in the
+same rounds so load drift affects all figures alike.
+
+    mocobench bench pretrain             # 224 px, 5 rounds of 2 steps per variant
+    mocobench bench pretrain --quick     # 64 px, 3 rounds
+    mocobench bench pretrain --variants official,fast,fp32-cl,bf16-nchw
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.timing import emit, interleaved, median, peak_rss_mib, rate
+from pretrain.config import apply_overrides, load_yaml
+from pretrain.train import CONFIG_DIR, PretrainConfig, build_model
+
+TARGET_RATIO = 2.5
+TARGET_PEAK_FRACTION = 0.75
+_DEFAULTS = PretrainConfig()
+# name -> (amp, channels_last); "fast" is whatever the project's training defaults are
+VARIANTS = {"official": (False, False), "fast": (_DEFAULTS.amp, _DEFAULTS.channels_last),
+            "fp32-cl": (False, True), "bf16-nchw": (True, False)}
+
+
+def moco_v2_config(arch: str, batch_size: int, size: int) -> PretrainConfig:
+    """The shipped `moco_v2` recipe at one rank's batch, as a single BN group."""
+    cfg = apply_overrides(PretrainConfig(), load_yaml("moco_v2", CONFIG_DIR), source="moco_v2")
+    return dataclasses.replace(cfg, arch=arch, batch_size=batch_size, image_size=size, bn_groups=1)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype `pretrain.train.run` uses."""
+    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+class StepRunner:
+    """One variant: its own model and optimizer, and the training step of pretrain.train.run."""
+
+    def __init__(self, cfg: PretrainConfig, amp: bool, channels_last: bool, device: torch.device, seed: int = 0):
+        torch.manual_seed(seed)
+        self.cfg, self.amp, self.channels_last, self.device = cfg, amp, channels_last, device
+        self.model = build_model(cfg, world=1).to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.dtype = amp_dtype(device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp and self.dtype == torch.float16)
+        self.criterion = nn.CrossEntropyLoss()
+        gen = torch.Generator().manual_seed(seed)
+        shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+        self.images = [torch.randn(shape, generator=gen).to(device) for _ in range(2)]
+        self.ids = torch.arange(cfg.batch_size, device=device)
+
+    def step(self) -> float:
+        im_q, im_k = self.images
+        if self.channels_last:
+            im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp):
+            logits, labels = self.model(im_q, im_k, self.ids)
+        loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()  # also synchronises the device
+
+    def steps(self, n: int) -> int:
+        for _ in range(n):
+            self.step()
+        return n * self.cfg.batch_size
+
+
+def step_flops(runner: StepRunner) -> int:
+    """FLOPs of one training step (convolutions and matmuls, forward and backward), counted by torch."""
+    with FlopCounterMode(display=False) as counter:
+        runner.step()
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, sizes=(1024, 2048), reps: int = 3) -> float:
+    """Best FLOP/s of square matmuls in `dtype` (the machine's practical peak for that dtype)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        (a @ b).sum().item()  # warm-up
+
+        def run() -> int:
+            for _ in range(reps):
+                c = a @ b
+            c[0, 0].item()
+            return reps * 2 * n ** 3
+
+        best = max(best, rate(run))
+    return best
+
+
+def run(variants: list[str], arch: str = "resnet50", batch_size: int = 32, size: int = 224, rounds: int = 5,
+        steps: int = 2, warmup: int = 2, device: str | None = None) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = moco_v2_config(arch, batch_size, size)
+    runners = {}
+    for name in variants:
+        amp, cl = VARIANTS[name]
+        runners[name] = StepRunner(cfg, amp, cl, dev)
+        for _ in range(warmup):
+            runners[name].step()
+    flops = {name: step_flops(r) for name, r in runners.items()}
+    timed = {name: (lambda r=r: rate(lambda: r.steps(steps))) for name, r in runners.items()}
+    timed["bf16_peak"] = lambda: matmul_peak(torch.bfloat16, dev)
+    timed["fp32_peak"] = lambda: matmul_peak(torch.float32, dev)
+    rates = interleaved(timed, rounds)
+    img_s = {name: median(rates[name]) for name in variants}
+    bf16_peak, fp32_peak = median(rates["bf16_peak"]), median(rates["fp32_peak"])
+    result = {"benchmark": "pretrain", "device": str(dev), "threads": torch.get_num_threads(), "arch": arch,
+              "batch_size": batch_size, "image_size": size, "rounds": rounds, "steps_per_round": steps,
+              "variants": {name: {"amp": VARIANTS[name][0], "channels_last": VARIANTS[name][1],
+                                  "img_s": round(img_s[name], 3),
+                                  "gflop_per_img": round(flops[name] / batch_size / 1e9, 3),
+                                  "tflop_s": round(img_s[name] * flops[name] / batch_size / 1e12, 4)}
+                           for name in variants},
+              "bf16_matmul_peak_tflop_s": round(bf16_peak / 1e12, 4),
+              "fp32_matmul_peak_tflop_s": round(fp32_peak / 1e12, 4),
+              "peak_rss_mib": round(peak_rss_mib(), 1)}
+    for name in variants:
+        v = result["variants"][name]
+        v["fraction_of_bf16_peak"] = round(v["tflop_s"] * 1e12 / bf16_peak, 4)
+        v["fraction_of_fp32_peak"] = round(v["tflop_s"] * 1e12 / fp32_peak, 4)
+    if "official" in variants and "fast" in variants:
+        ratio = img_s["fast"] / img_s["official"]
+        frac = result["variants"]["fast"]["fraction_of_bf16_peak"]
+        result |= {"official_img_s": round(img_s["official"], 3), "fast_img_s": round(img_s["fast"], 3),
+                   "ratio": round(ratio, 3), "fast_fraction_of_bf16_peak": frac,
+                   "target_ratio": TARGET_RATIO, "target_peak_fraction": TARGET_PEAK_FRACTION,
+                   "meets_target": bool(ratio >= TARGET_RATIO and frac >= TARGET_PEAK_FRACTION)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mocobench bench pretrain", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64 px images, 3 rounds")
+    parser.add_argument("--variants", default="official,fast",
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (fast = the training defaults: "
+                             f"amp={_DEFAULTS.amp}, channels_last={_DEFAULTS.channels_last})")
+    parser.add_argument("--arch", default="resnet50", help="backbone (pretrain.backbones name)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step (one rank's share)")
+    parser.add_argument("--size", type=int, default=None, help="image size (default 224, quick 64)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    size = args.size or (64 if args.quick else 224)
+    rounds = args.rounds or (3 if args.quick else 5)
+    print(f"pretrain benchmark: MoCo v2 {args.arch}, batch {args.batch_size}, {size} px, {rounds} interleaved "
+          f"rounds of {args.steps} steps, {torch.get_num_threads()} threads; variants {', '.join(variants)}",
+          flush=True)
+    res = run(variants, args.arch, args.batch_size, size, rounds, args.steps, args.warmup, args.device)
+    for name, v in res["variants"].items():
+        print(f"{name:10s} amp={str(v['amp']):5s} channels_last={str(v['channels_last']):5s} "
+              f"{v['img_s']:9.2f} img/s  {v['tflop_s'] * 1e3:8.1f} GFLOP/s  "
+              f"{v['fraction_of_bf16_peak']:.2f} of bf16 peak, {v['fraction_of_fp32_peak']:.2f} of fp32 peak")
+    print(f"matmul peak: bf16 {res['bf16_matmul_peak_tflop_s'] * 1e3:.1f} GFLOP/s, "
+          f"fp32 {res['fp32_matmul_peak_tflop_s'] * 1e3:.1f} GFLOP/s (measured in the same rounds)")
+    if "ratio" in res:
+        print(f"fast / official: {res['ratio']:.3f}x (target >= {TARGET_RATIO}x); fast at "
+              f"{res['fast_fraction_of_bf16_peak']:.2f} of bf16 peak (target >= {TARGET_PEAK_FRACTION}): "
+              f"{'met' if res['meets_target'] else 'NOT met'}")
+    emit(res)
+    return 0
