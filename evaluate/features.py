@@ -449,7 +449,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     metrics = {"n_train": len(fs.train_feats), "n_test": len(fs.test_feats), "dim": fs.train_feats.shape[1],
                "seconds": meta.get("seconds", float("nan")), "images_per_s": meta.get("images_per_s", float("nan")),
                "peak_rss_mb": meta.get("peak_rss_mb", {}).get("self", float("nan")),
-               "details": {"cache": str(path), "features": str(out)}}
+               "details": {"cache": str(path), "features": str(out), "extracted_at": meta.get("created")}}
     ckpt = cfg.checkpoint if Path(cfg.checkpoint).is_file() else None
     write_metrics(cfg.out, stage="eval", benchmark="extract", metrics=metrics, config=to_dict(cfg), start=start,
                   checkpoint=ckpt, checkpoint_md5=meta.get("checkpoint_key") if ckpt else None)

@@ -281,7 +281,13 @@ def run_images(cfg: LinearConfig) -> dict:
     start_epoch, best, history = 0, {}, []
     ckpt_path = out / "linear_checkpoint.pth.tar"
     if cfg.resume and (ckpt_path.is_file() if cfg.resume == "auto" else True):
-        state = safe_load(ckpt_path if cfg.resume == "auto" else cfg.resume)
+        resume_path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
+        state = safe_load(resume_path)
+        prev = state.get("config", {})
+        differ = [k for k in ("checkpoint", "mode", "layers", "data") if prev.get(k) != getattr(cfg, k)]
+        if differ or set(state["heads"]) != set(model.heads.state_dict()):
+            raise ConfigError(f"{resume_path} is from a different linear run (differs in {differ or 'heads'}); "
+                              f"use another --out or --resume ''")
         model.heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, history = int(state["epoch"]), dict(state["best"]), list(state["history"])
