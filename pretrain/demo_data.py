@@ -501,6 +501,8 @@ def ensure_demo_data(root: str | Path | None = None, force: bool = False, progre
         return DemoData.at(root)
     if root.exists() and not force and (not root.is_dir() or any(root.iterdir())):
         found = read_manifest(root)
+        if _current(found):  # another process installed it since the first look
+            return DemoData.at(root)
         what = (f"a demo dataset of version {found.get('version')} seed {found.get('seed')}" if found
                 else f"no {MANIFEST}")
         raise DemoDataError(f"{root} exists but holds {what}; expected mocobench demo data v{VERSION} "

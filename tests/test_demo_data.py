@@ -246,3 +246,15 @@ def test_cli_prints_paths_and_verifies(demo_data, tmp_path, capsys):
     (tmp_path / "x").write_text("x")
     assert dd.main(["--root", str(tmp_path)]) == 1
     assert "--force" in capsys.readouterr().err
+
+
+def test_dataset_finished_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
+    """The first manifest read misses (the other process is still building), the second sees its
+    finished copy: the caller uses it instead of refusing the non-empty dir or building again."""
+    root = tmp_path / "demo"
+    root.mkdir()
+    (root / dd.MANIFEST).write_text(json.dumps({"version": dd.VERSION, "seed": dd.SEED}))
+    real, calls = dd.read_manifest, []
+    monkeypatch.setattr(dd, "read_manifest", lambda r: calls.append(r) or (None if len(calls) == 1 else real(r)))
+    monkeypatch.setattr(dd, "_build", lambda *a, **k: pytest.fail("must not build"))
+    assert dd.ensure_demo_data(root).root == root and len(calls) == 2
