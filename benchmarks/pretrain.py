@@ -112,7 +112,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, sizes=(1024, 2048), re
 
 
 def run(variants: list[str], arch: str = "resnet50", batch_size: int = 32, size: int = 224, rounds: int = 5,
-        steps: int = 2, warmup: int = 2, device: str | None = None) -> dict:
+        steps: int = 2, warmup: int = 2, device: str | None = None, peak_sizes=(1024, 2048)) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = moco_v2_config(arch, batch_size, size)
     runners = {}
@@ -123,8 +123,8 @@ def run(variants: list[str], arch: str = "resnet50", batch_size: int = 32, size:
             runners[name].step()
     flops = {name: step_flops(r) for name, r in runners.items()}
     timed = {name: (lambda r=r: rate(lambda: r.steps(steps))) for name, r in runners.items()}
-    timed["bf16_peak"] = lambda: matmul_peak(torch.bfloat16, dev)
-    timed["fp32_peak"] = lambda: matmul_peak(torch.float32, dev)
+    timed["bf16_peak"] = lambda: matmul_peak(torch.bfloat16, dev, peak_sizes)
+    timed["fp32_peak"] = lambda: matmul_peak(torch.float32, dev, peak_sizes)
     rates = interleaved(timed, rounds)
     img_s = {name: median(rates[name]) for name in variants}
     bf16_peak, fp32_peak = median(rates["bf16_peak"]), median(rates["fp32_peak"])
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--peak-sizes", default="1024,2048", help="square matmul sizes for the peak (best is kept)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretrain benchmark: MoCo v2 {args.arch}, batch {args.batch_size}, {size} px, {rounds} interleaved "
           f"rounds of {args.steps} steps, {torch.get_num_threads()} threads; variants {', '.join(variants)}",
           flush=True)
-    res = run(variants, args.arch, args.batch_size, size, rounds, args.steps, args.warmup, args.device)
+    peak_sizes = [int(n) for n in args.peak_sizes.split(",") if n.strip()]
+    res = run(variants, args.arch, args.batch_size, size, rounds, args.steps, args.warmup, args.device, peak_sizes)
     for name, v in res["variants"].items():
         print(f"{name:10s} amp={str(v['amp']):5s} channels_last={str(v['channels_last']):5s} "
               f"{v['img_s']:9.2f} img/s  {v['tflop_s'] * 1e3:8.1f} GFLOP/s  "

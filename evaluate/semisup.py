@@ -111,6 +111,11 @@ def cell_name(lr: float, mult: float) -> str:
     return f"lr{lr:g}_head{mult:g}"
 
 
+def grid_cells(cfg: SemisupConfig) -> list[tuple[float, float]]:
+    """The (lr, head multiplier) pairs of the grid, lr-major."""
+    return list(itertools.product(cfg.lrs, cfg.head_mults))
+
+
 def lr_factor(cfg: SemisupConfig, epoch: int) -> float:
     """MultiStepLR: gamma ** (number of milestones reached)."""
     return cfg.gamma ** sum(epoch >= m for m in cfg.schedule)
@@ -197,8 +202,9 @@ def _loaders(cfg: SemisupConfig, labelled, val, device: torch.device):
 
 
 def train_cell(cfg: SemisupConfig, lr: float, mult: float, num_classes: int, loaders, device: torch.device,
-               out: Path) -> dict[str, float]:
-    """Fine-tune a fresh copy of the checkpoint with one (lr, head multiplier); returns val top-1/top-5."""
+               out: Path) -> tuple[dict[str, float], nn.Module]:
+    """Fine-tune a fresh copy of the checkpoint with one (lr, head multiplier); returns (val top-1/top-5,
+    the fine-tuned model)."""
     train_loader, sampler, val_loader = loaders
     name = cell_name(lr, mult)
     model = build_classifier(cfg.checkpoint, num_classes, cfg.seed).to(device)
@@ -250,7 +256,7 @@ def train_cell(cfg: SemisupConfig, lr: float, mult: float, num_classes: int, loa
     result = evaluate(model, val_loader, device, cfg.amp)
     if main_rank:
         ckpt_path.unlink(missing_ok=True)  # the cell is done: its result is what we keep
-    return result
+    return result, model
 
 
 # --- the grid -------------------------------------------------------------------------------------------
@@ -285,13 +291,13 @@ def run(cfg: SemisupConfig) -> dict:
     if main_rank:  # the labelled images actually used, in the list format (reusable as --subset-list)
         write_subset_list([f"{Path(p).parent.name}/{Path(p).name}" for p, _ in labelled.samples], out / "subset.txt")
     cells = {}
-    for lr, mult in itertools.product(cfg.lrs, cfg.head_mults):
+    for lr, mult in grid_cells(cfg):
         name = cell_name(lr, mult)
         done = out / "cells" / f"{name}.json"
         if cfg.resume and done.is_file():
             cells[name] = json.loads(done.read_text())
             continue
-        cells[name] = train_cell(cfg, lr, mult, num_classes, loaders, device, out)
+        cells[name], _ = train_cell(cfg, lr, mult, num_classes, loaders, device, out)
         if main_rank:
             done.write_text(json.dumps(cells[name]))
             print(f"{name}: top1 {cells[name]['top1']:.2f} top5 {cells[name]['top5']:.2f}", flush=True)

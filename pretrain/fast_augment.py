@@ -66,7 +66,7 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 def _blend(x: torch.Tensor, degenerate, factor: float) -> torch.Tensor:
     """PIL's Image.blend(degenerate, x, factor) on the 0..255 scale: clip to [0, 255], truncate to an integer."""
-    return x.mul_(factor).add_(degenerate * (1 - factor)).clamp_(0, 255).floor_()
+    return x.sub_(degenerate).mul_(factor).add_(degenerate).clamp_(0, 255).floor_()  # PIL's operation order
 
 
 def adjust_brightness(x: torch.Tensor, factor: float) -> torch.Tensor:
