@@ -457,6 +457,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     return metrics
 
 
+run = run_extract  # the evaluator convention: run(cfg) -> metrics
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
