@@ -84,13 +84,9 @@ def _f(default, help_):
 class KNNConfig(FeatureSourceConfig):
     """Weighted kNN on cached features (layer avgpool by default)."""
     out: str = _f("runs/knn", "run directory for metrics.json")
-    ks: list[int] = _f(None, "numbers of neighbours (default [20, 200])")
+    ks: list[int] = field(default_factory=lambda: [20, 200], metadata={"help": "numbers of neighbours"})
     temperature: float = _f(0.07, "vote weight exp(similarity / T)")
     chunk: int = _f(8192, "train rows per similarity block")
-
-    def __post_init__(self):
-        if self.ks is None:
-            self.ks = [20, 200]
 
 
 def run(cfg: KNNConfig) -> dict:

@@ -63,7 +63,8 @@ class LinearConfig(FeatureSourceConfig):
     """Linear evaluation; optimiser fields left unset take the mode's published values."""
     out: str = _f("runs/linear", "run directory: metrics.json, log, resumable head checkpoint")
     mode: str = _f("lincls", "lincls (main_lincls.py) | multihead (MMSelfSup feature1..5) | fast (cached features, proxy)")
-    layers: list[str] = _f(None, "multihead: layers with a head (default feature1..feature5; avgpool allowed)")
+    layers: list[str] = field(default_factory=lambda: list(MULTIHEAD_LAYERS),
+                              metadata={"help": "multihead: layers with a head (feature1..feature5, avgpool)"})
     batch_size: int = _f(256, "global batch size over all ranks")
     epochs: Optional[int] = _f(None, "epochs (lincls/fast 100, multihead 90)")
     lr: Optional[float] = _f(None, "learning rate (lincls/fast 30, multihead 0.01)")
@@ -80,10 +81,6 @@ class LinearConfig(FeatureSourceConfig):
     print_freq: int = _f(50, "log every N steps")
     resume: str = _f("auto", "'auto' = resume from OUT/linear_checkpoint.pth.tar if present, '' = fresh")
     dist_backend: str = _f("auto", "nccl on GPU, gloo on CPU")
-
-    def __post_init__(self):
-        if self.layers is None:
-            self.layers = list(MULTIHEAD_LAYERS)
 
 
 def resolve_protocol(cfg: LinearConfig) -> LinearConfig:
