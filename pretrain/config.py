@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def _field_types(cls) -> dict[str, Any]:
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check/convert one value against a field type; raise ConfigError naming the key."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] / X | None
         if value is None:
             return None
         inner = [a for a in args if a is not type(None)]
@@ -104,8 +105,7 @@ def load_yaml(path: str | Path, search_dir: Path | None = None) -> dict:
 
 def build_parser(cls, prog: str, description: str, positionals: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (help shows type and default)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     for name, help_ in (positionals or {}).items():
         parser.add_argument(name, help=help_)
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
