@@ -69,6 +69,17 @@ def wait_done(job: submitit.Job, timeout: float, poll: float = 0.5) -> None:
         time.sleep(poll)
 
 
+def wait_slurm_job_ended(job_id: str, timeout: float, poll: float = 0.5) -> None:
+    """Until Slurm no longer lists `job_id` as pending or running (a stage's files are complete a moment
+    before the job step and the batch script end)."""
+    from slurm.jobs import slurm_states
+    deadline = time.monotonic() + timeout
+    while slurm_states([job_id])[job_id].active:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Slurm job {job_id} still active after {timeout:.0f}s")
+        time.sleep(poll)
+
+
 def wait_for_file(path: Path, timeout: float, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not Path(path).exists():
@@ -115,3 +126,32 @@ class CountingJob(submitit.helpers.Checkpointable):
             tmp.write_text(str(count))
             os.replace(tmp, self.state_file)
         return count
+
+
+# ------------------------------------------------------------------ tiny sweeps for the tests
+
+def tiny_imagefolder(root: str | Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
+    """A few images per class of the embedded demo set as ImageFolder train/ + val/ (made once)."""
+    import shutil as _shutil
+
+    from pretrain.demo_data import ensure_demo_data
+    root = Path(root)
+    if (root / "val").is_dir():
+        return root
+    demo = ensure_demo_data()
+    tmp = root.with_name(root.name + ".tmp")
+    _shutil.rmtree(tmp, ignore_errors=True)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for cls in sorted((Path(demo.imagefolder) / split).iterdir()):
+            dst = tmp / split / cls.name
+            dst.mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                _shutil.copy(f, dst / f.name)
+    tmp.rename(root)
+    return root
+
+
+def tiny_pretrain_fields(data: str | Path, epochs: int = 2) -> dict:
+    """PretrainConfig fields (on top of the shipped `demo` config) for a seconds-long run on 1 CPU."""
+    return {"data": str(data), "width": 8, "image_size": 16, "batch_size": 8, "moco_k": 32, "bn_groups": 2,
+            "epochs": epochs, "workers": 0, "print_freq": 1}

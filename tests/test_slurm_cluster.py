@@ -86,6 +86,7 @@ def test_checkpointable_job_preempted_with_usr2_requeues_and_resumes(slurm_clust
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
     st.wait_done(job, 120)
     assert job.result() == 30
+    st.wait_slurm_job_ended(job.job_id, 60)  # the result file appears a moment before Slurm ends the job
     starts = [int(x) for x in (tmp_path / "count.txt.starts").read_text().split()]
     assert len(starts) == 2 and starts[0] == 0 and 3 <= starts[1] < 30, starts  # resumed, not restarted
     assert _sacct_states(job.job_id) == ["REQUEUED", "COMPLETED"]

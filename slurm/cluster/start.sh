@@ -13,7 +13,9 @@
 #   MOCOBENCH_SLURM_DIR         state dir (default /tmp/mocobench-slurm)
 #   MOCOBENCH_SLURM_ACCOUNTING  1 (default): slurmdbd + MariaDB; 0: no accounting (sacct fails)
 #   MOCOBENCH_SLURM_DB_PORT     MariaDB TCP port on 127.0.0.1 (default 3307)
-#   MOCOBENCH_SLURM_CPUS        CPUs the node advertises (default: what `slurmd -C` detects)
+#   MOCOBENCH_SLURM_CPUS        CPUs the node advertises (default: the detected count, at least 4: test
+#                               jobs mostly wait on imports and I/O, so 2x oversubscription lets the
+#                               test sweeps overlap; set it to `nproc` for a faithful node)
 # Needs root and Debian packages (installed with apt-get when missing). Exit codes: 0 up,
 # 3 not root, 4 packages unavailable, 5 a foreign slurm.conf exists, 6 a daemon failed to start.
 set -euo pipefail
@@ -81,10 +83,10 @@ echo "$NODE" >"$STATE/node"
 MUNGE_SOCK=$STATE/munge/munge.socket.2
 
 hw=$(slurmd -C | head -1)                   # NodeName=vm CPUs=2 Boards=1 ... RealMemory=24105
-hw=${hw#NodeName=* }
-if [[ -n ${MOCOBENCH_SLURM_CPUS:-} ]]; then
-    hw="CPUs=$MOCOBENCH_SLURM_CPUS RealMemory=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")"
-fi
+detected=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$hw")
+mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
+cpus=${MOCOBENCH_SLURM_CPUS:-$(( detected > 4 ? detected : 4 ))}
+hw="CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem"
 
 mkdir -p "$CONF_DIR"
 if [[ $ACCOUNTING == 1 ]]; then
@@ -123,6 +125,7 @@ SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_interval=2
 ReturnToService=2
 MpiDefault=none
+SlurmdParameters=config_overrides
 MailProg=/bin/true
 KillWait=10
 MinJobAge=600
