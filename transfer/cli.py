@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -34,17 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "--data-root datasets --num-gpus 8 --trial 0")
     p.add_argument("--recipe", required=True, choices=list(RECIPES), help="transfer recipe (see below)")
     p.add_argument("--weights", required=True,
-                   help="pre-trained checkpoint in any format `mocobench inspect` reads (MoCo, torchvision, detectron2 .pkl, ...), "
-                        "random:ARCH for a random-init baseline, or 'none' for detectron2's own random init")
+                   help="pre-trained checkpoint in any format `mocobench inspect` reads (MoCo, torchvision, "
+                        "detectron2 .pkl, ...), random:ARCH for a random-init backbone, or 'none' (detectron2's init)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of --weights (only for files you trust; default: weights only)")
     p.add_argument("--out", required=True, type=Path, help="output dir: metrics.json, weights/, detectron2/")
     p.add_argument("--data-root", default=os.environ.get("DETECTRON2_DATASETS", "datasets"), type=Path,
-                   help="folder holding VOC2007/, VOC2012/ and/or coco/ (default: $DETECTRON2_DATASETS or ./datasets)")
+                   help="folder holding VOC2007/ and VOC2012/ (or VOCdevkit/VOC20xx/) and/or coco/ "
+                        "(default: $DETECTRON2_DATASETS or ./datasets)")
     p.add_argument("--trial", type=int, default=0, help="trial index; also the random seed")
-    default_gpus = _visible_gpus()
-    p.add_argument("--num-gpus", type=int, default=default_gpus,
-                   help=f"GPUs per machine, 0 = CPU (default: all visible, here {default_gpus})")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs per machine, 0 = CPU (default: all visible)")
     p.add_argument("--num-machines", type=int, default=1, help="machines in a multi-node job")
     p.add_argument("--machine-rank", type=int, default=0, help="rank of this machine in a multi-node job")
     p.add_argument("--dist-url", default="auto",
@@ -118,6 +116,8 @@ def prepare(args: argparse.Namespace):
     from transfer.datasets import register_datasets
     from transfer.train import RunSpec, build_cfg
 
+    if args.num_gpus is None:
+        args.num_gpus = _visible_gpus()
     if len(args.opts) % 2:
         raise TransferError(f"config overrides must be KEY VALUE pairs, got {args.opts}")
     if args.num_gpus < 0 or args.num_machines < 1:

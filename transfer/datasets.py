@@ -5,6 +5,9 @@
   ROOT/VOC2012/...                                                           voc_2012_<split>
   ROOT/coco/annotations/instances_{train,val}2017.json, ROOT/coco/{train,val}2017/   coco_2017_<split>
 
+Also accepted: the devkit tarball's `ROOT/VOCdevkit/VOC2007/`, and year-less COCO files
+`ROOT/coco/annotations/instances_{train,val}.json` with `ROOT/coco/{train,val}/` (the demo data's layout).
+
 The recipes use detectron2's builtin names; they are re-registered here to point at ROOT, so a run
 never depends on $DETECTRON2_DATASETS. VOC class names are the 20 standard ones when every annotated
 name is one of them, else the sorted names found in the XML files (for other VOC-format datasets).
@@ -26,6 +29,16 @@ COCO_NAME = re.compile(r"^coco_(\d{4})_(\w+)$")
 
 class DatasetLayoutError(FileNotFoundError):
     """A dataset is missing or not in the expected layout; the message names the path and layout."""
+
+
+def voc_devkit(root: Path, year: str) -> Path:
+    """ROOT/VOC<year>, or ROOT/VOCdevkit/VOC<year> as the VOC tarballs extract."""
+    candidates = [root / f"VOC{year}", root / "VOCdevkit" / f"VOC{year}"]
+    found = next((c for c in candidates if c.is_dir()), None)
+    if found is None:
+        raise DatasetLayoutError(f"VOC{year} devkit not found under {root}: expected one of "
+                                 f"{', '.join(map(str, candidates))} with Annotations/, JPEGImages/, ImageSets/Main/")
+    return found
 
 
 def voc_split_ids(devkit: Path, split: str) -> list[str]:
@@ -56,13 +69,16 @@ def voc_class_names(found: set[str]) -> list[str]:
 
 
 def coco_paths(root: Path, year: str, split: str) -> tuple[Path, Path]:
-    json_file = root / "coco" / "annotations" / f"instances_{split}{year}.json"
-    image_root = root / "coco" / f"{split}{year}"
-    for p, what in ((json_file, "annotation json"), (image_root, "image folder")):
-        if not p.exists():
-            raise DatasetLayoutError(f"COCO {what} {p} not found; expected ROOT/coco/annotations/"
-                                     f"instances_{split}{year}.json and ROOT/coco/{split}{year}/")
-    return json_file, image_root
+    """(annotation json, image dir): coco/annotations/instances_<split><year>.json and coco/<split><year>/,
+    else the year-less coco/annotations/instances_<split>.json and coco/<split>/."""
+    coco = root / "coco"
+    for tag in (f"{split}{year}", split):
+        json_file, image_root = coco / "annotations" / f"instances_{tag}.json", coco / tag
+        if json_file.is_file() and image_root.is_dir():
+            return json_file, image_root
+    raise DatasetLayoutError(f"COCO {split}{year} not found under {coco}: expected annotations/instances_"
+                             f"{split}{year}.json with images in {split}{year}/ (or instances_{split}.json "
+                             f"with {split}/)")
 
 
 def coco_class_names(json_file: Path) -> list[str]:
@@ -99,17 +115,18 @@ def register_datasets(train: list[str], test: list[str], root: str | Path,
 
     per_set: dict[str, list[str]] = {}
     if voc:
+        devkits = {year: voc_devkit(root, year) for _, year, _ in voc}
         for _, year, split in voc:  # fail now, not inside a data loader
-            voc_split_ids(root / f"VOC{year}", split)
+            voc_split_ids(devkits[year], split)
         if classes is None:  # one class list for all VOC sets, so that train and test indices agree
             found: set[str] = set()
             for _, year, split in voc:
-                found |= voc_annotated_names(root / f"VOC{year}", [split])
+                found |= voc_annotated_names(devkits[year], [split])
             if not found:
                 raise DatasetLayoutError(f"{root}: no annotated objects in {[n for n, *_ in voc]}")
             classes = voc_class_names(found)
         for name, year, split in voc:
-            devkit = str(root / f"VOC{year}")
+            devkit = str(devkits[year])
             _replace(name)
             DatasetCatalog.register(name, lambda d=devkit, s=split, c=tuple(classes): load_voc_instances(d, s, c))
             MetadataCatalog.get(name).set(thing_classes=list(classes), dirname=devkit, year=int(year),

@@ -29,19 +29,29 @@ DEPS=(
     "matplotlib" "tensorboard" "Pillow"
 )
 
-probe() {  # succeeds when detectron2 and everything the runner needs import cleanly
-    "$PY" - <<'EOF' >/dev/null 2>&1
-import detectron2, detectron2.model_zoo, detectron2.engine, detectron2.evaluation, pycocotools.coco
-from detectron2.modeling.roi_heads import Res5ROIHeads
+probe() {  # quick: detectron2 imports and every dependency is present; prints its version
+    "$PY" - <<'EOF' 2>/dev/null
+import importlib.util, sys
+import detectron2, pkg_resources
+mods = ("pycocotools", "fvcore", "iopath", "yacs", "termcolor", "tabulate", "cloudpickle", "omegaconf", "hydra",
+        "tensorboard", "detectron2.model_zoo", "detectron2.engine")
+missing = [m for m in mods if importlib.util.find_spec(m) is None]
+print(detectron2.__version__)
+sys.exit(1 if missing else 0)
 EOF
+}
+
+check() {  # thorough: what the runner imports
+    "$PY" -c 'import detectron2.model_zoo, detectron2.engine, detectron2.evaluation, pycocotools.coco
+from detectron2.modeling.roi_heads import Res5ROIHeads'
 }
 
 if ! "$PY" -c 'import sys' 2>/dev/null; then
     echo "install_detectron2: cannot run Python interpreter '$PY'" >&2
     exit 2
 fi
-if probe; then
-    echo "install_detectron2: detectron2 already importable with $PY ($("$PY" -c 'import detectron2; print(detectron2.__version__)')); nothing to do"
+if version=$(probe); then
+    echo "install_detectron2: detectron2 $version already importable with $PY; nothing to do"
     exit 0
 fi
 
@@ -72,9 +82,9 @@ else
     mv "$tmp/t"/sal_detectron2-*.dist-info "$site/"
 fi
 
-if ! probe; then
+if ! check 2>/dev/null; then
     echo "install_detectron2: detectron2 installed but does not import; details:" >&2
-    "$PY" -c 'import detectron2.model_zoo, detectron2.engine, detectron2.evaluation' >&2 || true
+    check >&2 || true
     exit 1
 fi
 echo "install_detectron2: done in $(( $(date +%s) - start ))s ($("$PY" -c 'import detectron2; print(detectron2.__file__)'))"
