@@ -2,7 +2,7 @@
 
 Speed claims are ratios measured in one process, with the variants interleaved round by round (A B, then
 B A, ...) so that drift in machine load (other jobs, turbo, thermal) hits both sides alike; each figure is
-the median over rounds. Every benchmark prints readable lines and, last, one JSON object with its figures.
+the median over rounds, and a speed-up is the median of the per-round ratios. Every benchmark prints readable lines and, last, one JSON object with its figures.
 """
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ def rate(fn: Callable[[], int]) -> float:
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i]: each round's two runs saw the same machine load."""
+    return median([a / b for a, b in zip(num, den)])
 
 
 def peak_rss_mib() -> float:

@@ -1,20 +1,22 @@
 """MoCo v1/v2 augmentations on uint8 tensors: the same distribution as `pretrain/augment.py` (the official
-PIL / torchvision-v1 pipeline of facebookresearch/moco `main_moco.py` + `moco/loader.py`), several times
-cheaper per image.
+PIL / torchvision-v1 pipeline of facebookresearch/moco `main_moco.py` + `moco/loader.py`), about 2-3x
+cheaper per image on one core (`mocobench bench loader`, docs/performance.md).
 
-Where the time goes and what changes (numbers per crop, 1 thread, in docs/performance.md):
-  * decode   torchvision.io (libjpeg-turbo) straight into a CHW uint8 tensor; PIL as fallback (CMYK, GIF, ...).
+What changes:
+  * decode   torchvision.io (libjpeg-turbo) straight into a CHW uint8 tensor; PIL as fallback (BMP, TIFF, ...).
   * crop     RandomResizedCrop on the uint8 tensor with antialiased bilinear resize (torch's SIMD uint8
              kernel; antialias matches PIL's bilinear filter).
-  * colour   one uint8 -> float32 conversion of the 224 px crop; brightness/contrast/saturation/hue,
-             grayscale, blur and normalisation in float without a round trip through uint8 per op. The
-             hue shift uses a closed-form HSV rotation instead of torchvision's generic rgb<->hsv code.
+  * colour   one uint8 -> float32 conversion of the small crop, values kept on the 0..255 scale;
+             brightness/contrast/saturation/grayscale reproduce PIL's integer results (its blend order and
+             truncation, one floor_ per op); the hue shift is a branch-free closed-form HSV rotation
+             instead of torchvision's rgb<->hsv code.
   * blur     separable Gaussian with std sigma (PIL's `GaussianBlur(radius=sigma)` is a 3-pass box
-             approximation of the same Gaussian), kernel 2*ceil(3 sigma)+1, edge pixels replicated.
+             approximation of the same Gaussian), radius 3 sigma, edge pixels replicated.
 Parameters are drawn from the same distributions as the official pipeline (torchvision's
-RandomResizedCrop.get_params, ColorJitter's random order and factor ranges, the same probabilities). The
-only numerical differences left are PIL's 8-bit HSV in the hue shift and its box-vs-true Gaussian; tests in
-tests/test_bench.py bound each op, and whole views made with the same parameters, against PIL.
+RandomResizedCrop.get_params algorithm, ColorJitter's random order and factor ranges, the same
+probabilities). The numerical differences left are PIL's 8-bit HSV in the hue shift and its box-vs-true
+Gaussian; tests/test_bench.py bounds each op, and whole views made with the same parameters
+(`reference_apply`), against PIL.
 
     aug = TwoCropsTransform(TensorMocoAugmentation(224, aug_plus=True))
     q, k = aug(decode_rgb(path))            # float32 3x224x224 each, ImageNet-normalised
@@ -252,7 +254,7 @@ class TensorMocoAugmentation:
 def reference_apply(img, p: ViewParams, aug: TensorMocoAugmentation) -> torch.Tensor:
     """The same view made with the official PIL ops (torchvision.transforms.functional on PIL images and
     PIL's GaussianBlur, in `moco_augmentation`'s order): the reference that tests and `mocobench bench
-    loader` compare `aug.apply(decode_rgb(...), p)` with."""
+    loader` compare `aug.apply(decode_rgb(...), p)` with, on the same random parameters `p`."""
     from PIL import ImageFilter
     from torchvision.transforms import functional as PF
 

@@ -1,0 +1,164 @@
+"""`mocobench bench svm`: the VOC07 SVM protocol (evaluate/svm.py) solved by sklearn's LinearSVC, the
+reference VISSL / MMSelfSup use, against the batched torch solver (evaluate/svm_solver.py), on the same
+features: wall time of the whole protocol (normalisation, 3-fold CV over every class x cost, final fits,
+test AP), the speedup, |delta mAP| and the largest per-class |delta AP|, and each run's peak RSS.
+
+Each solver runs in its own fresh process (spawned), so its peak RSS is its own and thread settings do not
+leak; `--threads N` gives both the same cores (torch intra-op threads; sklearn N LinearSVC fits in parallel
+threads, as VISSL runs one thread per class). Default 1: the cleanest like-for-like comparison.
+
+    mocobench bench svm --quick                      # 1000 / 1000 images, 1024-d, 20 classes (minutes)
+    mocobench bench svm                              # VOC07 shape: 5011 / 4952 images, 8192-d (sklearn: hours)
+    mocobench bench svm --features runs/feat/features.npz --solvers torch   # real cached features
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.timing import emit
+
+# images per class in VOC2007 trainval (of 5011), the class balance the synthetic data copies
+VOC07_TRAINVAL_COUNTS = (238, 243, 330, 181, 244, 186, 713, 337, 445, 141, 200, 421, 287, 245, 2008, 245, 96,
+                         229, 261, 256)
+VOC07_SHAPE = {"n_train": 5011, "n_test": 4952, "dim": 8192, "classes": 20}
+QUICK_SHAPE = {"n_train": 1000, "n_test": 1000, "dim": 1024, "classes": 20}
+
+
+def synthetic_voc(n_train: int, n_test: int, dim: int, classes: int = 20, seed: int = 0,
+                  difficult: float = 0.08, signal: float = 0.45) -> dict[str, np.ndarray]:
+    """VOC07-like multi-label features: non-negative (post-ReLU) float32 vectors that share a strong common
+    direction and a low-rank nuisance, plus one prototype per present class; VOC07 class frequencies;
+    a fraction `difficult` of the positives marked -1. Labels are N x C in {1, 0, -1}."""
+    rng = np.random.default_rng(seed)
+    freq = np.array([VOC07_TRAINVAL_COUNTS[c % 20] / 5011 for c in range(classes)])
+    protos = rng.gamma(0.5, 1.0, size=(classes, dim)) * (rng.random((classes, dim)) < 0.3)
+    rank = 64
+    loading = rng.normal(size=(rank, dim)) / np.sqrt(np.arange(1, rank + 1))[:, None]
+    base = rng.gamma(2.0, 0.5, size=dim)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = (rng.random((n, classes)) < freq).astype(np.int8)
+        x = base + signal * (y @ protos) + 0.5 * rng.normal(size=(n, rank)) @ loading + rng.normal(size=(n, dim))
+        y[(y == 1) & (rng.random(y.shape) < difficult)] = -1
+        out[f"{split}_feats"] = np.maximum(x, 0).astype(np.float32)
+        out[f"{split}_labels"] = y
+    return out
+
+
+def _run_variant(conn, solver: str, data_spec: dict, opts: dict, threads: int) -> None:
+    """Child process: load/make the features, run the whole protocol with one solver, report back."""
+    try:
+        import torch
+        from evaluate.features import load_features, peak_rss_mb
+        from evaluate.svm import SVMSolverOptions, voc07_svm
+        torch.set_num_threads(max(1, threads))
+        if "features" in data_spec:
+            fs = load_features(data_spec["features"])
+            data = {"train_feats": fs.train_feats, "train_labels": fs.train_labels, "test_feats": fs.test_feats,
+                    "test_labels": fs.test_labels}
+        else:
+            data = synthetic_voc(**data_spec)
+        so = SVMSolverOptions(solver=solver, n_jobs=max(1, threads), threads=max(1, threads), **opts)
+        t0 = time.perf_counter()
+        res = voc07_svm(data["train_feats"], data["train_labels"], data["test_feats"], data["test_labels"], so,
+                        progress=False)
+        conn.send({"seconds": time.perf_counter() - t0, "protocol_seconds": res.seconds, "mAP": 100 * res.mAP,
+                   "test_ap": (100 * res.test_ap).tolist(), "chosen": res.chosen.tolist(), "cv_ap": res.cv_ap.tolist(),
+                   "solver": res.solver, "peak_rss_mib": peak_rss_mb()["self"]})
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+    finally:
+        conn.close()
+
+
+def run_variant(solver: str, data_spec: dict, opts: dict, threads: int) -> dict:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_run_variant, args=(child, solver, data_spec, opts, threads))
+    proc.start()
+    child.close()
+    result = parent.recv()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"svm bench: the {solver} run failed: {result['error']}")
+    return result
+
+
+def compare(ref: dict, new: dict) -> dict:
+    """|delta mAP|, the largest per-class |delta AP| (percent points) and how many chosen costs differ."""
+    a, b = np.array(ref["test_ap"], dtype=float), np.array(new["test_ap"], dtype=float)
+    return {"abs_delta_mAP": abs(ref["mAP"] - new["mAP"]), "max_abs_delta_AP": float(np.nanmax(np.abs(a - b))),
+            "chosen_cost_differs": int(np.sum(np.array(ref["chosen"]) != np.array(new["chosen"]))),
+            "max_abs_delta_cv_AP": float(np.nanmax(np.abs(np.array(ref["cv_ap"]) - np.array(new["cv_ap"]))))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mocobench bench svm", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller synthetic problem (1000/1000 images, 1024-d)")
+    parser.add_argument("--features", default="", help="a features .npz to use instead of synthetic data")
+    parser.add_argument("--n-train", type=int, default=None, help="synthetic train images (default 5011, quick 1000)")
+    parser.add_argument("--n-test", type=int, default=None, help="synthetic test images (default 4952, quick 1000)")
+    parser.add_argument("--dim", type=int, default=None, help="synthetic feature dim (default 8192, quick 1024)")
+    parser.add_argument("--classes", type=int, default=None, help="synthetic classes (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    parser.add_argument("--costs", default="", help="comma-separated costs (default VISSL's 11)")
+    parser.add_argument("--solvers", default="sklearn,torch", help="which to run; the first is the reference")
+    parser.add_argument("--precision", default="float64", help="torch solver precision: float64, mixed, float32")
+    parser.add_argument("--device", default="cpu", help="torch solver device: cpu, cuda, auto")
+    parser.add_argument("--threads", type=int, default=1, help="cores for each solver (see above)")
+    args = parser.parse_args(argv)
+
+    solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    if not solvers or any(s not in ("torch", "sklearn") for s in solvers):
+        parser.error(f"--solvers takes torch and/or sklearn, got {args.solvers!r}")
+    opts = {"precision": args.precision, "device": args.device}
+    if args.costs:
+        try:
+            opts["costs"] = [float(c) for c in args.costs.split(",")]
+        except ValueError:
+            parser.error(f"--costs must be comma-separated numbers, got {args.costs!r}")
+    if args.features:
+        if not Path(args.features).is_file():
+            parser.error(f"--features {args.features}: no such file")
+        data_spec, what = {"features": args.features}, f"features {args.features}"
+    else:
+        shape = dict(QUICK_SHAPE if args.quick else VOC07_SHAPE)
+        shape.update({k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test), ("dim", args.dim),
+                                        ("classes", args.classes)) if v is not None})
+        data_spec = {**shape, "seed": args.seed}
+        what = (f"synthetic VOC07-like features: {shape['n_train']} train / {shape['n_test']} test, {shape['dim']}-d, "
+                f"{shape['classes']} classes")
+    n_costs = len(opts.get("costs", ())) or 11
+    print(f"svm bench: {what}; {n_costs} costs x 3 folds; {args.threads} thread(s) per solver", flush=True)
+
+    results = {}
+    for name in solvers:
+        res = run_variant(name, data_spec, opts, args.threads)
+        results[name] = res
+        extra = (f", {res['solver']['newton_iters']} Newton / {res['solver']['cg_iters']} CG steps"
+                 if res["solver"] else "")
+        label = f"torch ({args.precision}, {args.device})" if name == "torch" else "sklearn LinearSVC"
+        print(f"  {label}: {res['seconds']:.1f} s, mAP {res['mAP']:.2f}, peak RSS {res['peak_rss_mib']:.0f} MiB{extra}",
+              flush=True)
+
+    summary = {"benchmark": "svm", "data": what, "threads": args.threads, "precision": args.precision,
+               "device": args.device,
+               **{f"{n}_seconds": r["seconds"] for n, r in results.items()},
+               **{f"{n}_mAP": r["mAP"] for n, r in results.items()},
+               **{f"{n}_peak_rss_mib": r["peak_rss_mib"] for n, r in results.items()}}
+    if len(results) >= 2:
+        ref_name, new_name = solvers[0], solvers[1]
+        ref, new = results[ref_name], results[new_name]
+        cmp = compare(ref, new)
+        summary.update({"speedup": ref["seconds"] / new["seconds"], **cmp})
+        print(f"  speedup {summary['speedup']:.1f}x ({new_name} vs {ref_name}); |delta mAP| {cmp['abs_delta_mAP']:.3f}, "
+              f"max per-class |delta AP| {cmp['max_abs_delta_AP']:.3f}, chosen cost differs for "
+              f"{cmp['chosen_cost_differs']} class(es)", flush=True)
+    emit(summary)
+    return 0
