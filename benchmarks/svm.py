@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     parser.add_argument("--costs", default="", help="comma-separated costs (default VISSL's 11)")
     parser.add_argument("--solvers", default="sklearn,torch", help="which to run; the first is the reference")
-    parser.add_argument("--precision", default="float64", help="torch solver precision: float64, mixed, float32")
+    parser.add_argument("--precision", default="float64", help="torch solver precision: float64 or mixed")
     parser.add_argument("--device", default="cpu", help="torch solver device: cpu, cuda, auto")
     parser.add_argument("--threads", type=int, default=1, help="cores for each solver (see above)")
     args = parser.parse_args(argv)

@@ -1,0 +1,81 @@
+"""Average precision, the two definitions the VOC07 SVM protocol uses.
+
+* `voc_ap`: the all-point interpolated AP of VOC2010+ (precision made monotone from the right, summed
+  over every change of recall), which VISSL reports as test AP (`calculate_ap` and
+  `get_precision_recall` in vissl/utils/svm_utils/evaluate.py; MMSelfSup's svm_helper.py is the same).
+  Not the 11-point AP of the VOC2007 devkit.
+* `step_ap`: scikit-learn's `average_precision_score` (no interpolation, tied scores form one
+  threshold), which is what `cross_val_score(..., scoring="average_precision")` ranks costs by in
+  VISSL's cross-validation (vissl/utils/svm_utils/svm_trainer.py).
+
+Both accept `labels`/`scores` of shape (N,) or (N, P): P independent rankings scored column by column,
+so thousands of (class, cost, fold) problems are evaluated in one vectorised call. Labels > 0 are
+positives; everything else is a negative (drop difficult images before calling).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_columns(labels, scores) -> tuple[np.ndarray, np.ndarray, bool]:
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} must have the same shape")
+    if labels.ndim not in (1, 2):
+        raise ValueError(f"expected (N,) or (N, P) arrays, got shape {labels.shape}")
+    single = labels.ndim == 1
+    if single:
+        labels, scores = labels[:, None], scores[:, None]
+    return labels > 0, scores, single
+
+
+def _sorted(pos: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows reordered by descending score; ties keep VISSL's order (reverse of a stable ascending sort)."""
+    order = np.argsort(scores, axis=0, kind="stable")[::-1]
+    return np.take_along_axis(pos, order, axis=0), np.take_along_axis(scores, order, axis=0)
+
+
+def voc_ap(labels, scores) -> np.ndarray | float:
+    """All-point interpolated AP (VOC2010 style). NaN for a column without positives."""
+    pos, scores, single = _as_columns(labels, scores)
+    if pos.shape[0] == 0:
+        out = np.full(pos.shape[1], np.nan)
+        return float(out[0]) if single else out
+    pos, _ = _sorted(pos, scores)
+    tp = np.cumsum(pos, axis=0)
+    rank = np.arange(1, pos.shape[0] + 1)[:, None]
+    precision = tp / rank
+    # precision envelope: best precision at this recall or any higher recall
+    envelope = np.maximum.accumulate(precision[::-1], axis=0)[::-1]
+    npos = pos.sum(axis=0)
+    # recall changes exactly at the positives, each by 1/npos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(pos, envelope, 0.0).sum(axis=0) / npos
+    ap = np.where(npos > 0, ap, np.nan)
+    return float(ap[0]) if single else ap
+
+
+def step_ap(labels, scores) -> np.ndarray | float:
+    """scikit-learn's average_precision_score: sum_k (R_k - R_{k-1}) P_k over distinct score thresholds.
+
+    A column without positives scores 0, as scikit-learn returns (with a warning) for that case.
+    """
+    pos, scores, single = _as_columns(labels, scores)
+    n = pos.shape[0]
+    if n == 0:
+        out = np.zeros(pos.shape[1])
+        return float(out[0]) if single else out
+    pos, scores = _sorted(pos, scores)
+    tp = np.cumsum(pos, axis=0)
+    # every member of a run of tied scores is counted at the end of the run (one threshold per value)
+    boundary = np.ones_like(pos)
+    boundary[:-1] = scores[:-1] != scores[1:]
+    end = np.where(boundary, np.arange(n)[:, None], n)
+    end = np.minimum.accumulate(end[::-1], axis=0)[::-1]
+    tp_at_end = np.take_along_axis(tp, end, axis=0)
+    precision_at_end = tp_at_end / (end + 1)
+    npos = pos.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(pos, precision_at_end, 0.0).sum(axis=0) / npos
+    ap = np.where(npos > 0, ap, 0.0)
+    return float(ap[0]) if single else ap

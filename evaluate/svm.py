@@ -1,0 +1,251 @@
+"""VOC07 linear-SVM classification on frozen features: the VISSL / MMSelfSup protocol.
+
+Protocol (vissl/utils/svm_utils/svm_trainer.py + evaluate.py; MMSelfSup
+tools/benchmarks/classification/svm_voc07/tools/train_svm_kfold.py, test_svm.py):
+  * features: res5 -> AvgPool(6, stride 1) -> 8192-d (layer `voc_svm`), 224 px center crop after a 256 resize;
+    L2-normalised per image as x / (|x| + 1e-5);
+  * labels N x C in {1 present, 0 absent, -1 difficult}; in training difficult images are negatives
+    (0 and -1 both become -1), at test time they are dropped;
+  * per class and per cost C in the cost list (VISSL's [0.01, 0.1, 1, 2, 5, 10, 15, 20, 50, 100, 1000]) a
+    LinearSVC(C, class_weight {1: 2, -1: 1}, squared hinge, L2, dual, tol 1e-4, max_iter 2000);
+  * the cost of each class is the one with the best 3-fold cross-validated AP on trainval
+    (sklearn `cross_val_score(cv=3, scoring="average_precision")`: stratified folds, no shuffle; ties go to
+    the earlier cost, as `np.argmax`), then the class's SVM is trained on all of trainval at that cost;
+  * test AP: all-point interpolated AP (evaluate/ap.py `voc_ap`), reported per class and as their mean.
+Metrics (percent): `mAP`, `AP/<class>`. Single-label features (1-d class ids) are scored one-vs-rest.
+
+The solver is a choice (`--solver torch|sklearn`): the batched Newton solver of evaluate/svm_solver.py
+(default) or sklearn's LinearSVC itself, the reference (tests bound their difference).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evaluate.ap import step_ap, voc_ap
+from evaluate.features import FeatureFileError, FeatureSourceConfig, load_features, peak_rss_mb, resolve_features
+from evaluate.svm_solver import PRECISIONS, SKLEARN_MAX_ITER, l2_normalize, make_solver
+from pretrain.config import ConfigError, to_dict
+from results.records import now_iso, write_metrics
+
+VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
+
+
+def _f(default, help_):
+    return field(default=default, metadata={"help": help_})
+
+
+@dataclass
+class SVMSolverOptions:
+    """Options shared by the SVM protocols (full VOC07 and low-shot)."""
+    costs: list[float] = _f(None, f"SVM costs C (default VISSL's {list(VISSL_COSTS)})")
+    solver: str = _f("torch", "torch (batched Newton solver) or sklearn (LinearSVC, the reference)")
+    device: str = _f("cpu", "torch solver device: cpu, cuda, cuda:N or auto")
+    precision: str = _f("float64", "torch solver precision: float64, or mixed (float32 inner CG solves; faster on GPUs)")
+    tol: float = _f(1e-6, "torch solver stopping rule: |gradient| <= tol * |gradient at w=0|")
+    n_jobs: int = _f(1, "sklearn solver: LinearSVC fits run in parallel threads")
+    max_iter: int = _f(SKLEARN_MAX_ITER, "sklearn solver: liblinear max_iter (VISSL: 2000)")
+    threads: int = _f(0, "torch CPU threads (0 = torch's default)")
+    normalize: bool = _f(True, "L2-normalise features first (VISSL/MMSelfSup: yes)")
+
+    def __post_init__(self):
+        if self.costs is None:
+            self.costs = list(VISSL_COSTS)
+
+    def check_solver(self) -> None:
+        if not self.costs or min(self.costs) <= 0:
+            raise ConfigError(f"costs must be positive numbers, got {self.costs}")
+        if self.solver not in ("torch", "sklearn"):
+            raise ConfigError(f"unknown solver {self.solver!r}; expected torch or sklearn")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+
+    def make_solver(self, train: np.ndarray, evals: dict[str, np.ndarray]):
+        return make_solver(self.solver, train, evals, device=self.device, precision=self.precision, tol=self.tol,
+                           n_jobs=self.n_jobs, max_iter=self.max_iter)
+
+    def prepare(self, feats: np.ndarray) -> np.ndarray:
+        """float64 features, L2-normalised when asked (the one copy of a memory-mapped matrix)."""
+        return l2_normalize(feats) if self.normalize else np.asarray(feats, dtype=np.float64)
+
+
+@dataclass
+class SVMConfig(SVMSolverOptions, FeatureSourceConfig):
+    """VOC07 SVM: per-class linear SVMs on frozen features, cost chosen by 3-fold CV on trainval."""
+    dataset: str = _f("voc", "dataset layout: voc (VOC2007 devkit) or imagefolder")
+    layer: str = _f("voc_svm", "feature layer (VOC07 protocol: voc_svm = res5 AvgPool(6, stride 1))")
+    out: str = _f("runs/svm", "run directory for metrics.json")
+    folds: int = _f(3, "cross-validation folds for the cost choice (stratified, no shuffle)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Labels and folds
+# ----------------------------------------------------------------------------------------------------
+
+def as_multilabel(labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+    """N x C labels in {1, 0, -1}; a 1-d vector of class ids becomes one-vs-rest {1, 0}."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return labels.astype(np.int8)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    out = np.zeros((len(labels), num_classes), dtype=np.int8)
+    out[np.arange(len(labels)), labels] = 1
+    return out
+
+
+def class_names_of(fs, num_classes: int) -> list[str]:
+    if fs.class_names and len(fs.class_names) == num_classes:
+        return list(fs.class_names)
+    return [str(c) for c in range(num_classes)]
+
+
+def train_targets(labels: np.ndarray) -> np.ndarray:
+    """(C, N) SVM targets: +1 present, -1 absent or difficult (VISSL's training rule)."""
+    return np.where(labels.T == 1, 1, -1).astype(np.int8)
+
+
+def stratified_folds(y: np.ndarray, n_folds: int) -> list[np.ndarray]:
+    """Held-out index arrays of sklearn's StratifiedKFold(n_folds) (no shuffle) on +-1 labels: the split
+    `cross_val_score(cv=n_folds)` makes for a classifier."""
+    from sklearn.model_selection import StratifiedKFold
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class")
+        return [test for _, test in StratifiedKFold(n_splits=n_folds).split(np.zeros(len(y)), y)]
+
+
+def choose_costs(cv_ap: np.ndarray) -> np.ndarray:
+    """Per class (row), the index of the cost with the best CV AP; first one on ties (np.argmax).
+    NaN (a fold without both classes) counts as the worst score."""
+    return np.argmax(np.nan_to_num(cv_ap, nan=-np.inf), axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The protocol
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class SVMResult:
+    test_ap: np.ndarray      # (C,) fraction, NaN for a class without test positives
+    cv_ap: np.ndarray        # (C, K) mean CV AP per class and cost
+    chosen: np.ndarray       # (C,) index into costs
+    costs: list[float]
+    seconds: dict
+    solver: dict = field(default_factory=dict)
+
+    @property
+    def mAP(self) -> float:
+        return float(np.nanmean(self.test_ap))
+
+
+def voc07_svm(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray, test_labels: np.ndarray,
+              opts: SVMSolverOptions, folds: int = 3, progress: bool = True) -> SVMResult:
+    """Run the whole protocol (see the module docstring) with the solver `opts` describe."""
+    opts.check_solver()
+    costs = list(opts.costs)
+    num_classes = train_labels.shape[1] if train_labels.ndim == 2 else int(max(train_labels.max(), test_labels.max())) + 1
+    Ytr, Yte = as_multilabel(train_labels, num_classes), as_multilabel(test_labels, num_classes)
+    t0 = time.perf_counter()
+    X, Xt = opts.prepare(train_feats), opts.prepare(test_feats)
+    solver = opts.make_solver(X, {"test": Xt})
+    del X, Xt
+    t_setup = time.perf_counter() - t0
+    C, K, N = num_classes, len(costs), len(Ytr)
+    y = train_targets(Ytr)
+
+    # cross-validation: every (class, fold, cost) problem in one call. A training fold holding one class
+    # only cannot be fit (LinearSVC raises; cross_val_score scores the fold NaN): it is left out as NaN.
+    held = [stratified_folds(y[c], folds) for c in range(C)]
+    cv = np.full((C, folds, K), np.nan)
+    problems = []
+    for c in range(C):
+        for f in range(folds):
+            train = np.ones(N, dtype=bool)
+            train[held[c][f]] = False
+            if (y[c, train] > 0).any() and (y[c, train] < 0).any():
+                problems += [(c, f, k, train) for k in range(K)]
+    t0 = time.perf_counter()
+    if problems:
+        with tqdm(total=len(problems), desc="svm cross-validation", disable=not progress or None, leave=False) as bar:
+            scores = solver.fit_scores(np.stack([y[c] for c, _, _, _ in problems]),
+                                       np.stack([m for _, _, _, m in problems]),
+                                       np.array([costs[k] for _, _, k, _ in problems]), ("train",), bar)["train"]
+        for p, (c, f, k, _) in enumerate(problems):
+            rows = held[c][f]
+            cv[c, f, k] = step_ap(y[c, rows], scores[p, rows])
+    cv_ap = cv.mean(axis=1)
+    t_cv = time.perf_counter() - t0
+
+    # final SVMs on all of trainval at the chosen cost; test AP without the difficult images
+    chosen = choose_costs(cv_ap)
+    fit = [c for c in range(C) if (y[c] > 0).any() and (y[c] < 0).any()]
+    test_ap = np.full(C, np.nan)
+    t0 = time.perf_counter()
+    if fit:
+        with tqdm(total=len(fit), desc="svm final fits", disable=not progress or None, leave=False) as bar:
+            test_scores = solver.fit_scores(y[fit], np.ones((len(fit), N), dtype=bool),
+                                            np.array([costs[chosen[c]] for c in fit]), ("test",), bar)["test"]
+        for i, c in enumerate(fit):
+            test_ap[c] = _test_ap(Yte[:, c], test_scores[i])
+    t_final = time.perf_counter() - t0
+    seconds = {"setup": t_setup, "cross_validation": t_cv, "final": t_final, "total": t_setup + t_cv + t_final}
+    return SVMResult(test_ap, cv_ap, chosen, costs, seconds, solver_details(solver))
+
+
+def _test_ap(labels: np.ndarray, scores: np.ndarray) -> float:
+    keep = labels != -1  # difficult images are not scored
+    if not (labels[keep] == 1).any():
+        return float("nan")
+    return float(voc_ap(labels[keep], scores[keep]))
+
+
+def solver_details(solver) -> dict:
+    info = getattr(solver, "info", [])
+    if not info:
+        return {}
+    return {"newton_iters": sum(i.newton_iters for i in info), "cg_iters": sum(i.cg_iters for i in info),
+            "unconverged": sum(i.problems - i.converged for i in info)}
+
+
+def run(cfg: SVMConfig) -> dict:
+    start = now_iso()
+    if cfg.folds < 2:
+        raise ConfigError(f"folds must be >= 2, got {cfg.folds}")
+    path = resolve_features(cfg)
+    fs = load_features(path)
+    num_classes = fs.train_labels.shape[1] if fs.multilabel else int(max(fs.train_labels.max(), fs.test_labels.max())) + 1
+    if num_classes < 1 or len(fs.train_feats) < cfg.folds:
+        raise FeatureFileError(f"{path}: {len(fs.train_feats)} training images; the SVM protocol needs at least "
+                               f"{cfg.folds} (one per fold)")
+    names = class_names_of(fs, num_classes)
+    res = voc07_svm(fs.train_feats, fs.train_labels, fs.test_feats, fs.test_labels, cfg, cfg.folds)
+    metrics: dict = {"mAP": 100.0 * res.mAP}
+    metrics.update({f"AP/{n}": 100.0 * float(a) for n, a in zip(names, res.test_ap)})
+    rss = peak_rss_mb()["self"]
+    metrics["details"] = {
+        "features": str(path), "n_train": len(fs.train_feats), "n_test": len(fs.test_feats),
+        "dim": int(fs.train_feats.shape[1]), "costs": res.costs,
+        "chosen_cost": {n: res.costs[k] for n, k in zip(names, res.chosen)},
+        "cv_ap": {n: [float(v) for v in row] for n, row in zip(names, res.cv_ap)},
+        "classes_without_test_positives": [n for n, a in zip(names, res.test_ap) if np.isnan(a)],
+        "seconds": res.seconds, "peak_rss_mb": rss, "solver": res.solver}
+    ckpt = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
+    write_metrics(cfg.out, stage="eval", benchmark="svm", metrics=metrics, config=to_dict(cfg), start=start,
+                  checkpoint=ckpt, checkpoint_md5=fs.meta.get("checkpoint_key") if ckpt else None)
+    print(f"svm: mAP {metrics['mAP']:.2f} over {num_classes} classes ({cfg.solver} solver, "
+          f"{res.seconds['total']:.1f}s, peak RSS {rss:.0f} MiB) -> {Path(cfg.out) / 'metrics.json'}", flush=True)
+    return metrics
+
+
+def main(argv: list[str]) -> int:
+    from evaluate.cli import run_evaluator
+    return run_evaluator(SVMConfig, run, argv, "mocobench eval svm",
+                         "VOC07 linear SVMs (VISSL/MMSelfSup protocol: per-class cost by 3-fold CV AP on trainval, "
+                         "all-point test AP); writes OUT/metrics.json.", Path(__file__).parent / "configs" / "svm")

@@ -1,0 +1,437 @@
+"""Linear SVM solvers for the VOC07 / low-shot SVM protocols: a batched torch solver and the sklearn reference.
+
+The model is exactly the one VISSL and MMSelfSup train (vissl/utils/svm_utils/svm_trainer.py):
+`sklearn.svm.LinearSVC(C, class_weight={1: 2, -1: 1}, intercept_scaling=1, penalty="l2",
+loss="squared_hinge", dual=True, tol=1e-4, max_iter=2000)`, i.e. liblinear's L2-regularised L2-loss SVM
+with the bias as an extra constant feature (so the bias is regularised too):
+
+    min_w  1/2 |w|^2 + sum_i c_i max(0, 1 - y_i w.[x_i, 1])^2,     c_i = C * class_weight[y_i].
+
+Both solvers implement one interface, `fit_scores`: given P problems, each a set of training rows of the
+same training matrix, its +-1 labels and cost, return every problem's decision values on named evaluation
+matrices. The protocols (evaluate/svm.py, evaluate/lowshot.py) only ever call that.
+
+`TorchSVM` solves all P problems at once, in the primal, by Newton's method with conjugate gradients
+(Keerthi & DeCoste 2005, "A modified finite Newton method for fast solution of large scale linear SVMs";
+Chapelle 2007, "Training a support vector machine in the primal"): every step is a few dense matrix
+products over the whole batch, so it runs at GEMM speed on CPU or GPU. It works in an orthogonal basis
+of the span of the training features (`Basis`): a Gram-matrix eigenbasis when there are fewer images than
+dimensions (VOC's 8192-d features), a PCA rotation otherwise, which makes the Newton system close to
+diagonal (cheap Jacobi preconditioning) and costs min(N, D+1) per row instead of D. Folds and low-shot
+samples are cost-zero rows, so all (class, cost, fold) problems share one basis. It converges to the
+optimum (|grad| <= tol * |grad at 0|), which liblinear's dual coordinate descent approaches but, at large
+C within max_iter=2000 epochs, need not reach; tests/test_eval_svm.py bounds the AP differences.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+# VISSL / MMSelfSup settings of LinearSVC, the reference model
+CLASS_WEIGHT = {1: 2.0, -1: 1.0}
+SKLEARN_TOL = 1e-4
+SKLEARN_MAX_ITER = 2000
+
+
+def l2_normalize(feats: np.ndarray) -> np.ndarray:
+    """Row-normalise as VISSL's `_normalize_features`: x / (|x| + 1e-5), in float64 (a new array)."""
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-5)
+
+
+def problem_costs(labels: np.ndarray, train_mask: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Per-sample costs c_i (P, N): C x class weight on a problem's training rows, 0 elsewhere."""
+    weight = np.where(labels > 0, CLASS_WEIGHT[1], CLASS_WEIGHT[-1])
+    return np.asarray(costs, dtype=np.float64)[:, None] * weight * train_mask
+
+
+def _check_problems(labels, train_mask, costs, n_train) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    labels, train_mask, costs = np.asarray(labels), np.asarray(train_mask, dtype=bool), np.asarray(costs, float)
+    if labels.ndim != 2 or labels.shape != train_mask.shape or labels.shape[1] != n_train:
+        raise ValueError(f"labels {labels.shape} and train_mask {train_mask.shape} must both be (P, {n_train})")
+    if costs.shape != (labels.shape[0],):
+        raise ValueError(f"costs must have one entry per problem ({labels.shape[0]}), got shape {costs.shape}")
+    if not np.isin(labels[train_mask], (-1, 1)).all():
+        raise ValueError("training labels must be +1 / -1")
+    if (costs <= 0).any():
+        raise ValueError(f"costs must be positive, got {sorted(set(costs[costs <= 0].tolist()))}")
+    return labels, train_mask, costs
+
+
+# ----------------------------------------------------------------------------------------------------
+# The batched torch solver
+# ----------------------------------------------------------------------------------------------------
+
+class Basis:
+    """An orthonormal basis V (d x r) of the row span of F (n x d), with Z = F V having orthogonal columns.
+
+    For d <= n it is the eigenbasis of F^T F (PCA rotation); otherwise V = F^T U diag(lam)^-1/2 from the
+    eigendecomposition F F^T = U diag(lam) U^T, so Z = U diag(lam)^1/2. Directions with eigenvalue below
+    `rel_eps * lam_max` are dropped: the SVM optimum has no component outside the training rows' span.
+    """
+
+    def __init__(self, feats: torch.Tensor, rel_eps: float = 1e-12):
+        n, d = feats.shape
+        if d <= n:
+            lam, vecs = torch.linalg.eigh(feats.T @ feats)
+            keep = lam > rel_eps * lam.max().clamp_min(1e-300)
+            self.V = vecs[:, keep].flip(1)
+            self.Z = feats @ self.V
+        else:
+            lam, U = torch.linalg.eigh(feats @ feats.T)
+            keep = lam > rel_eps * lam.max().clamp_min(1e-300)
+            lam, U = lam[keep].flip(0), U[:, keep].flip(1)
+            self.V = (feats.T @ U) / lam.sqrt()
+            self.Z = U * lam.sqrt()
+        self.Z = self.Z.contiguous()
+
+    @property
+    def rank(self) -> int:
+        return self.Z.shape[1]
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats @ self.V
+
+
+@dataclass
+class SolveInfo:
+    newton_iters: int
+    cg_iters: int
+    converged: int
+    problems: int
+
+
+def _pcg(hvp, rhs: torch.Tensor, precond: torch.Tensor, rtol: torch.Tensor, max_iter: int):
+    """Batched preconditioned conjugate gradients: solve H_p x_p = rhs_p for every row p.
+
+    `hvp(V, rows)` applies the (symmetric positive definite) H of problems `rows` to the rows of V;
+    `precond` holds the diagonal of each H (Jacobi). A row whose residual reaches |r_p| <= rtol_p |rhs_p|
+    leaves the working set, so the matrix products shrink as problems converge.
+    """
+    x = torch.zeros_like(rhs)
+    live = torch.arange(len(rhs), device=rhs.device)
+    r = rhs.clone()
+    z = r / precond
+    p = z.clone()
+    rz = (r * z).sum(1)
+    target = rtol * rhs.norm(dim=1)
+    tiny = torch.finfo(rhs.dtype).tiny
+    iters = 0
+    for iters in range(1, max_iter + 1):
+        hp = hvp(p, live)
+        alpha = rz / (p * hp).sum(1).clamp_min(tiny)
+        x[live] += alpha[:, None] * p
+        r -= alpha[:, None] * hp
+        go = r.norm(dim=1) > target
+        if not bool(go.all()):
+            if not bool(go.any()):
+                break
+            live, r, p, rz, target = live[go], r[go], p[go], rz[go], target[go]
+        z = r / precond[live]
+        rz_new = (r * z).sum(1)
+        p = z + (rz_new / rz.clamp_min(tiny))[:, None] * p
+        rz = rz_new
+    return x, iters
+
+
+def _line_search(wd, dd, xi, q, cost, iters: int = 40):
+    """Exact minimiser t of phi(t) = f(w + t d) for every problem (phi is a convex piecewise quadratic).
+
+    With xi = 1 - y.o (margins) and q = y.(Z d): phi'(t) = w.d + t d.d - 2 sum c q (xi - t q)_+.
+    Safeguarded Newton on phi' from t = 1 (the exact step if no margin changes side), bisecting when a
+    step leaves the bracket [lo, hi] with phi'(lo) < 0 < phi'(hi).
+    """
+    P = wd.shape[0]
+    t = torch.ones_like(wd)
+    lo = torch.zeros_like(wd)
+    hi = torch.full_like(wd, math.inf)
+    cq = cost * q
+    cqq = cq * q
+    slope0 = wd.abs() + 1e-300
+    for _ in range(iters):
+        m = (xi - t[:, None] * q).clamp_min(0)
+        d1 = wd + t * dd - 2 * (cq * m).sum(1)
+        d2 = dd + 2 * (cqq * (m > 0)).sum(1)
+        done = d1.abs() <= 1e-12 * slope0
+        lo = torch.where(d1 < 0, t, lo)
+        hi = torch.where(d1 > 0, t, hi)
+        step = t - d1 / d2
+        inside = (step > lo) & (step < hi)
+        bisect = torch.where(torch.isfinite(hi), (lo + hi) / 2, 2 * t)
+        t = torch.where(done, t, torch.where(inside, step, bisect))
+        if bool(done.all()):
+            break
+    return t
+
+
+def _direct_directions(Z: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, W: torch.Tensor,
+                       dtype: torch.dtype = torch.float64, max_bytes: int = 1 << 29) -> torch.Tensor:
+    """Exact Newton directions through the dual of the active set S (rows with a positive a = cost x violated).
+
+    On a fixed S the objective is quadratic with minimiser w+ = Z_S^T g, (K_SS + diag(1/2a_S)) g = y_S
+    (K = Z Z^T), one Cholesky solve of size |S| instead of many CG steps; worth it when |S| is small, which
+    is where CG is slowest (large C: few margin violators, ill-conditioned Hessian). Problems are padded to
+    the largest |S| of a chunk (identity rows) and solved as one batch, in `dtype` (float64 by default: a
+    float32 factorisation is too inexact at large C for Newton to reach a tight tolerance); a
+    factorisation that fails in a lower precision is redone in float64.
+    """
+    act = A > 0
+    sizes = act.sum(1)
+    order = torch.argsort((~act).to(torch.int8), dim=1, stable=True)  # active rows first
+    out = torch.empty_like(W)
+    s_max = int(sizes.max())
+    chunk = max(1, max_bytes // max(1, s_max * s_max * torch.finfo(dtype).bits // 8))
+    for start in range(0, len(W), chunk):
+        sl = slice(start, start + chunk)
+        s = int(sizes[sl].max())
+        valid = torch.arange(s, device=Z.device)[None, :] < sizes[sl, None]
+        idx = torch.where(valid, order[sl, :s], order[sl, :1])  # pad with a real row, masked below
+        M = K[idx[:, :, None], idx[:, None, :]].to(dtype)
+        M.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
+        M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / A[sl].gather(1, idx), 1.0).to(dtype))
+        rhs = torch.where(valid, Y[sl].gather(1, idx), 0.0).to(dtype)[..., None]
+        L, info = torch.linalg.cholesky_ex(M)
+        bad = info != 0
+        if bool(bad.any()):  # float32 not enough for this conditioning
+            L = L.to(torch.float64)
+            L[bad] = torch.linalg.cholesky(M[bad].to(torch.float64))
+            rhs = rhs.to(torch.float64)
+        gamma = torch.cholesky_solve(rhs, L)[..., 0].to(Z.dtype)
+        dual = torch.zeros(len(gamma), Z.shape[0], dtype=Z.dtype, device=Z.device)
+        dual.scatter_add_(1, idx, torch.where(valid, gamma, 0.0))
+        out[sl] = dual @ Z - W[sl]
+    return out
+
+
+def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
+                 max_newton: int = 100, max_cg: int = 200, W0: torch.Tensor | None = None,
+                 cg_dtype: torch.dtype | None = None, K: torch.Tensor | None = None,
+                 direct_cg_equiv: float = 30.0) -> tuple[torch.Tensor, SolveInfo]:
+    """Minimise 1/2|w_p|^2 + sum_i cost[p,i] max(0, 1 - labels[p,i] Z_i.w_p)^2 for every problem p.
+
+    Z: (N, r) shared design; labels (P, N) +-1; cost (P, N) >= 0 (0 = row not in problem p's training
+    set). Returns W (P, r). Each Newton direction comes from preconditioned CG on the primal Hessian, or,
+    given the Gram matrix K = Z Z^T and an active set small enough that a Cholesky of it costs less than
+    `direct_cg_equiv` CG steps, from an exact solve in the dual (`_direct_directions`). An exact line
+    search follows. A problem is done once |grad| <= tol * |grad at w=0|; done problems leave the batch.
+    """
+    P, N = labels.shape
+    r = Z.shape[1]
+    W_out = torch.zeros(P, r, dtype=Z.dtype, device=Z.device)
+    Z2 = Z * Z
+    Zlow = Z.to(cg_dtype) if cg_dtype is not None else None
+    cy_all = cost * labels
+    g0 = (2 * (cy_all @ Z)).norm(dim=1)
+    idx = torch.arange(P, device=Z.device)
+    W = W_out.clone() if W0 is None else W0.clone()
+    O = W @ Z.T  # scores Z w on the training rows
+    Y, C, CY, G0 = labels, cost, cy_all, g0
+    newton = cg_total = 0
+    max_direct = (3 * direct_cg_equiv * 4 * N * r) ** (1 / 3) if K is not None else 0
+    converged = torch.zeros(P, dtype=torch.bool, device=Z.device)
+    for newton in range(1, max_newton + 1):
+        xi = 1 - Y * O
+        m = xi.clamp_min(0)
+        G = W - 2 * ((CY * m) @ Z)
+        gn = G.norm(dim=1)
+        done = gn <= tol * G0
+        if bool(done.any()):
+            W_out[idx[done]] = W[done]
+            converged[idx[done]] = True
+            keep = ~done
+            idx, W, O, Y, C, CY, G0, G, gn, xi = (a[keep] for a in (idx, W, O, Y, C, CY, G0, G, gn, xi))
+            if idx.numel() == 0:
+                break
+        A = C * (xi > 0)
+        direct = (A > 0).sum(1) <= max_direct
+        D = torch.empty_like(W)
+        if bool(direct.any()):
+            D[direct] = _direct_directions(Z, K, Y[direct], A[direct], W[direct])
+        if not bool(direct.all()):
+            it = ~direct
+            Acg = A[it]
+            precond = 1 + 2 * (Acg @ Z2)
+            rtol = torch.clamp(torch.sqrt(gn[it] / G0[it]), max=0.1)
+            Zc, Ac = (Z, Acg) if cg_dtype is None else (Zlow, Acg.to(cg_dtype))
+            Dcg, k = _pcg(lambda V, rows: V + 2 * (((V @ Zc.T) * Ac[rows]) @ Zc), (-G[it]).to(Zc.dtype),
+                          precond.to(Zc.dtype), rtol.to(Zc.dtype), max_cg)
+            D[it] = Dcg.to(Z.dtype)
+            cg_total += k
+        Delta = D @ Z.T
+        t = _line_search((W * D).sum(1), (D * D).sum(1), xi, Y * Delta, C)
+        W = W + t[:, None] * D
+        O = O + t[:, None] * Delta
+    if idx.numel():
+        W_out[idx] = W
+    return W_out, SolveInfo(newton, cg_total, int(converged.sum()), P)
+
+
+# precision name -> (dtype of the Newton iterates and gradients, dtype of the inner CG solves or None = same)
+# (An all-float32 mode is not offered: its gradients and line searches cannot reach tol=1e-6.)
+PRECISIONS = {"float64": (torch.float64, None), "mixed": (torch.float64, torch.float32)}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TorchSVM:
+    """Batched solver for many LinearSVC problems on one training matrix (see the module docstring).
+
+    train: (N, D) features (already L2-normalised if the protocol asks for it); evals: name -> (M, D)
+    matrices to score, "train" always available. Everything is projected once onto the basis of the
+    bias-augmented training rows; each `fit_scores` call may then solve any number of problems.
+    """
+
+    def __init__(self, train: np.ndarray, evals: Mapping[str, np.ndarray] | None = None, device: str = "cpu",
+                 precision: str = "float64", tol: float = 1e-6, max_newton: int = 100, max_cg: int = 200,
+                 batch_size: int = 1024, warm_start: bool = True, max_gram_rows: int = 20000):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        self.device = resolve_device(device)
+        self.warm_start = warm_start
+        self.dtype, self.cg_dtype = PRECISIONS[precision]
+        self.tol, self.max_newton, self.max_cg, self.batch_size = tol, max_newton, max_cg, batch_size
+        self.n_train = len(train)
+        aug = self._augment(train)
+        self.basis = Basis(aug)
+        self.projected = {"train": self.basis.Z}
+        for name, feats in (evals or {}).items():
+            self.projected[name] = self.basis.project(self._augment(feats))
+        del aug
+        # Gram matrix of the training rows, for exact Newton steps on small active sets (N x N floats)
+        self.gram = self.basis.Z @ self.basis.Z.T if self.n_train <= max_gram_rows else None
+        self.info: list[SolveInfo] = []
+
+    def _augment(self, feats: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(feats), device=self.device).to(self.dtype)
+        return torch.cat([x, torch.ones(len(x), 1, dtype=self.dtype, device=self.device)], 1)
+
+    def fit_scores(self, labels: np.ndarray, train_mask: np.ndarray, costs: np.ndarray,
+                   evals: Sequence[str] = ("train",), progress=None) -> dict[str, np.ndarray]:
+        """Train P problems (labels/train_mask (P, N_train), costs (P,)); decision values (P, M) per eval.
+
+        Only the rows some problem trains on enter the solve (when they are clearly fewer than the basis
+        rank, through a smaller basis of just those rows). Problems that differ only in cost form a chain
+        solved in increasing cost, each warm-started from the previous solution (a regularisation path);
+        the k-th members of all chains are solved together as one batch.
+        """
+        labels, train_mask, costs = _check_problems(labels, train_mask, costs, self.n_train)
+        unknown = [e for e in evals if e not in self.projected]
+        if unknown:
+            raise KeyError(f"no evaluation matrix named {unknown}; have {sorted(self.projected)}")
+        out = {e: np.empty((len(labels), len(self.projected[e]))) for e in evals}
+        rows = np.flatnonzero(train_mask.any(0))
+        rows_t = torch.as_tensor(rows, device=self.device)
+        Z, sub = self.basis.Z[rows_t], None
+        K = self.gram[rows_t][:, rows_t] if self.gram is not None else None
+        if len(rows) < 0.9 * self.basis.rank:  # clearly fewer rows than dimensions: a basis of just those
+            sub = Basis(Z)
+            Z = sub.Z
+        y_all = np.where(labels[:, rows] > 0, 1.0, -1.0)
+        c_all = problem_costs(labels[:, rows], train_mask[:, rows], costs)
+        warm: dict[int, torch.Tensor] = {}  # solutions (in this call's basis) that later stages start from
+        for stage in _cost_chains(y_all, train_mask[:, rows], costs):
+            for start in range(0, len(stage), self.batch_size):
+                batch = stage[start:start + self.batch_size]
+                ids = [p for p, _ in batch]
+                y = torch.as_tensor(y_all[ids], dtype=self.dtype, device=self.device)
+                c = torch.as_tensor(c_all[ids], dtype=self.dtype, device=self.device)
+                W0 = None
+                if self.warm_start and any(prev is not None for _, prev in batch):
+                    W0 = torch.stack([warm[prev] if prev is not None else torch.zeros_like(Z[0])
+                                      for _, prev in batch])
+                W, info = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton, max_cg=self.max_cg,
+                                       W0=W0, cg_dtype=self.cg_dtype, K=K)
+                self.info.append(info)
+                if info.converged < info.problems:
+                    warnings.warn(f"TorchSVM: {info.problems - info.converged} of {info.problems} problems did "
+                                  f"not reach tol={self.tol} in {self.max_newton} Newton steps", RuntimeWarning)
+                warm.update({p: W[i] for i, p in enumerate(ids)})
+                W_full = W @ sub.V.T if sub is not None else W  # back to the full basis' coordinates
+                for e in evals:
+                    out[e][ids] = (self.projected[e] @ W_full.T).T.cpu().numpy()
+                if progress is not None:
+                    progress.update(len(ids))
+        return out
+
+
+def _cost_chains(y: np.ndarray, mask: np.ndarray, costs: np.ndarray) -> list[list[tuple[int, int | None]]]:
+    """Stages of (problem, warm-start problem or None): problems with equal labels and training rows form a
+    chain ordered by cost; stage k holds every chain's k-th problem, warm-started from its (k-1)-th."""
+    chains: dict[bytes, list[int]] = {}
+    for p in range(len(y)):
+        key = np.packbits(mask[p]).tobytes() + np.packbits(y[p] > 0).tobytes()
+        chains.setdefault(key, []).append(p)
+    stages: list[list[tuple[int, int | None]]] = []
+    for chain in chains.values():
+        chain.sort(key=lambda p: costs[p])
+        for k, p in enumerate(chain):
+            if k == len(stages):
+                stages.append([])
+            stages[k].append((p, chain[k - 1] if k else None))
+    return stages
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sklearn reference
+# ----------------------------------------------------------------------------------------------------
+
+def reference_svc(cost: float, max_iter: int = SKLEARN_MAX_ITER):
+    """The exact LinearSVC VISSL / MMSelfSup train (svm_trainer.py, train_svm_kfold.py)."""
+    from sklearn.svm import LinearSVC
+    return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
+                     loss="squared_hinge", dual=True, tol=SKLEARN_TOL, max_iter=max_iter)
+
+
+class SklearnSVM:
+    """The reference: one `LinearSVC` fit per problem, parallel over problems with threads
+    (liblinear releases the GIL; VISSL also uses one thread per class). Same interface as TorchSVM."""
+
+    def __init__(self, train: np.ndarray, evals: Mapping[str, np.ndarray] | None = None, n_jobs: int = 1,
+                 max_iter: int = SKLEARN_MAX_ITER):
+        self.train = np.ascontiguousarray(train, dtype=np.float64)
+        self.evals = {"train": self.train, **{k: np.asarray(v, dtype=np.float64) for k, v in (evals or {}).items()}}
+        self.n_train, self.n_jobs, self.max_iter = len(train), n_jobs, max_iter
+
+    def _one(self, y, mask, cost, evals):
+        from sklearn.exceptions import ConvergenceWarning
+        rows = np.flatnonzero(mask)
+        clf = reference_svc(cost, self.max_iter)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(self.train[rows], y[rows])
+        return [clf.decision_function(self.evals[e]) for e in evals]
+
+    def fit_scores(self, labels: np.ndarray, train_mask: np.ndarray, costs: np.ndarray,
+                   evals: Sequence[str] = ("train",), progress=None) -> dict[str, np.ndarray]:
+        from joblib import Parallel, delayed
+        labels, train_mask, costs = _check_problems(labels, train_mask, costs, self.n_train)
+        unknown = [e for e in evals if e not in self.evals]
+        if unknown:
+            raise KeyError(f"no evaluation matrix named {unknown}; have {sorted(self.evals)}")
+        jobs = (delayed(self._one)(labels[p], train_mask[p], costs[p], evals) for p in range(len(labels)))
+        results = []
+        for res in Parallel(n_jobs=self.n_jobs, prefer="threads", return_as="generator")(jobs):
+            results.append(res)
+            if progress is not None:
+                progress.update(1)
+        return {e: np.stack([r[i] for r in results]) for i, e in enumerate(evals)}
+
+
+def make_solver(name: str, train: np.ndarray, evals: Mapping[str, np.ndarray] | None = None, *,
+                device: str = "cpu", precision: str = "float64", tol: float = 1e-6, n_jobs: int = 1,
+                max_iter: int = SKLEARN_MAX_ITER):
+    """`torch` (batched Newton-CG) or `sklearn` (the LinearSVC reference) over the same interface."""
+    if name == "torch":
+        return TorchSVM(train, evals, device=device, precision=precision, tol=tol)
+    if name == "sklearn":
+        return SklearnSVM(train, evals, n_jobs=n_jobs, max_iter=max_iter)
+    raise ValueError(f"unknown SVM solver {name!r}; expected 'torch' or 'sklearn'")

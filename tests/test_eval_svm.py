@@ -1,0 +1,296 @@
+"""VOC07 SVM and low-shot SVM: AP by hand, the difficult-image rules, CV cost choice, low-shot sampling, the
+batched torch solver against sklearn's LinearSVC (the reference), and both evaluators end to end on the
+embedded demo data from a short MoCo pretrain checkpoint and from a random init."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from evaluate import lowshot, svm
+from evaluate.ap import step_ap, voc_ap
+from evaluate.features import write_npz
+from evaluate.svm_solver import SklearnSVM, TorchSVM, l2_normalize, problem_costs, reference_svc
+from pretrain.data import DataError
+from results.records import read_metrics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small problems on a shared 2-core machine: one intra-op thread avoids contention stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blobs(n, d, classes, seed, signal=1.5):
+    """Multi-label features: non-negative noise plus one prototype per present class; ~8% difficult."""
+    rng = np.random.default_rng(seed)
+    protos = rng.random((classes, d)) * (rng.random((classes, d)) < 0.3)
+    y = (rng.random((n, classes)) < 0.3).astype(np.int8)
+    x = np.maximum(signal * y @ protos + rng.normal(size=(n, d)), 0).astype(np.float32)
+    y[(y == 1) & (rng.random(y.shape) < 0.08)] = -1
+    return x, y
+
+
+# --- AP -------------------------------------------------------------------------------------------------
+def test_voc_ap_all_point_interpolation_by_hand():
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5]
+    # positives at ranks 1, 4, 5: precision 1, 2/4, 3/5; the envelope lifts rank 4 to 3/5
+    assert voc_ap([1, 0, 0, 1, 1], scores) == pytest.approx((1 + 0.6 + 0.6) / 3)
+    assert step_ap([1, 0, 0, 1, 1], scores) == pytest.approx((1 + 0.5 + 0.6) / 3)  # no interpolation
+    # not the VOC2007 11-point AP, which would give (6 * 1 + 5 * 0.6) / 11 here
+    assert voc_ap([1, 0, 0, 1, 1], scores) != pytest.approx((6 + 5 * 0.6) / 11)
+    assert voc_ap([1, 0, 1, 0, 1], scores) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert np.isnan(voc_ap([0, 0, -1], [1.0, 2.0, 3.0]))
+    # columns are independent rankings; column 2: precision 1/2 at rank 2 is lifted to 2/3 (rank 3)
+    cols = voc_ap(np.array([[1, 0], [0, 1], [1, 1]]), np.array([[3, 3], [2, 2], [1, 1]]))
+    assert cols == pytest.approx([(1 + 2 / 3) / 2, (2 / 3 + 2 / 3) / 2])
+
+
+def test_step_ap_groups_ties_and_matches_sklearn():
+    from sklearn.metrics import average_precision_score
+    # scores 0.9 | 0.5 0.5 | 0.1: thresholds give (R, P) = (1/2, 1), (1, 2/3)
+    assert step_ap([1, 0, 1, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(2, 30))
+        y = rng.integers(0, 2, n) * 2 - 1
+        s = rng.integers(0, 4, n).astype(float)  # many ties
+        if (y > 0).any():
+            assert step_ap(y, s) == pytest.approx(average_precision_score(y, s))
+
+
+# --- protocol rules -------------------------------------------------------------------------------------
+def test_train_targets_make_difficult_negative():
+    labels = np.array([[1, 0], [0, -1], [-1, 1]])
+    assert svm.train_targets(labels).tolist() == [[1, -1, -1], [-1, -1, 1]]
+    assert svm.as_multilabel(np.array([2, 0])).tolist() == [[0, 0, 1], [1, 0, 0]]
+
+
+def _angle(deg):
+    return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+
+
+@pytest.mark.parametrize("solver", ["torch", "sklearn"])
+def test_difficult_images_are_negatives_in_training_and_dropped_at_test(solver):
+    """Train: positives at 0 deg, absent images at 180 deg, difficult ones at 90 deg. Only if the difficult
+    images train as negatives does the SVM learn to push 90 deg down, which ranks the test positives
+    (at -90 deg) above the test negatives (at +90 deg). The test difficult images (at -60 deg) score above
+    every positive: counted as negatives they would cost AP, dropped they do not."""
+    rng = np.random.default_rng(0)
+    jitter = lambda deg, n: np.array([_angle(deg + j) for j in rng.uniform(-3, 3, n)])  # noqa: E731
+    x = np.concatenate([jitter(0, 30), jitter(180, 30), jitter(90, 15)]).astype(np.float32)
+    y = np.array([1] * 30 + [0] * 30 + [-1] * 15)[:, None]
+    xt = np.concatenate([jitter(-90, 10), jitter(90, 10), jitter(-60, 5)]).astype(np.float32)
+    yt = np.array([1] * 10 + [0] * 10 + [-1] * 5)[:, None]
+    res = svm.voc07_svm(x, y, xt, yt, svm.SVMSolverOptions(solver=solver, costs=[0.1, 1.0, 10.0]), progress=False)
+    assert res.test_ap[0] == pytest.approx(1.0)
+    # the same SVMs with the difficult images left out of training cannot tell the test sets apart
+    keep = y[:, 0] != -1
+    blind = svm.voc07_svm(x[keep], y[keep], xt, yt, svm.SVMSolverOptions(solver=solver, costs=[0.1, 1.0, 10.0]),
+                          progress=False)
+    assert blind.test_ap[0] < 0.9
+
+
+def test_choose_costs_first_best_and_nan_is_worst():
+    cv = np.array([[0.5, 0.7, 0.7], [np.nan, 0.2, 0.1], [0.3, np.nan, 0.3]])
+    assert svm.choose_costs(cv).tolist() == [1, 1, 0]
+
+
+def test_folds_are_sklearn_stratified_without_shuffle():
+    from sklearn.model_selection import StratifiedKFold
+    y = np.array([1, -1, -1, 1, -1, -1, 1, -1, -1, -1, 1, -1])
+    held = svm.stratified_folds(y, 3)
+    ref = [test for _, test in StratifiedKFold(3).split(np.zeros(12), y)]
+    assert [h.tolist() for h in held] == [r.tolist() for r in ref]
+    assert sorted(np.concatenate(held).tolist()) == list(range(12))
+    assert all((y[h] == 1).sum() in (1, 2) for h in held)  # positives spread over the folds
+
+
+def _noisy_labels(rng):
+    """50-d, one informative (scaled) dimension, 10% of labels flipped: large C fits the flips."""
+    n, d = 90, 50
+    y01 = (rng.random(n) < 0.4).astype(np.int8)
+    x = rng.normal(size=(n, d))
+    x[:, 0] = 3 * (x[:, 0] + 1.5 * (2 * y01 - 1))
+    flip = rng.random(n) < 0.1
+    y01[flip] = 1 - y01[flip]
+    return x + 2, y01
+
+
+def _correlated_nuisance(rng):
+    """x1 = label + nuisance, x2 = the same nuisance: only a large C learns to subtract x2 from x1; a small C
+    stays near the class-mean difference, which the nuisance swamps."""
+    n = 150
+    y01 = (rng.random(n) < 0.4).astype(np.int8)
+    nuisance = 3 * rng.normal(size=n)
+    x = np.stack([(2 * y01 - 1) * 0.5 + nuisance + 0.1 * rng.normal(size=n), nuisance + 0.1 * rng.normal(size=n),
+                  np.full(n, 10.0)], 1)
+    return x, y01
+
+
+@pytest.mark.parametrize("make,best", [(_noisy_labels, 0), (_correlated_nuisance, 1)])
+def test_cv_picks_the_right_cost(make, best):
+    """Two constructed cases where one of the costs [0.01, 1000] is clearly right. The protocol must choose
+    it, exactly as VISSL's cross_val_score(LinearSVC, cv=3, scoring='average_precision') + argmax does."""
+    from sklearn.model_selection import cross_val_score
+    x, y01 = make(np.random.default_rng(0))
+    x = x.astype(np.float32)
+    costs = [0.01, 1000.0]
+    res = svm.voc07_svm(x, y01[:, None], x[:20], y01[:20, None], svm.SVMSolverOptions(costs=costs), progress=False)
+    xn, yy = l2_normalize(x), np.where(y01 == 1, 1, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = [cross_val_score(reference_svc(c), xn, yy, cv=3, scoring="average_precision").mean() for c in costs]
+    assert res.chosen[0] == int(np.argmax(ref)) == best
+    assert ref[best] - ref[1 - best] > 0.05  # a clear case, not a near-tie
+    assert res.cv_ap[0] == pytest.approx(ref, abs=5e-3)
+
+
+# --- the solvers ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,d", [(120, 40), (60, 150)])  # PCA basis (d < n) and Gram eigenbasis (d > n)
+def test_torch_solver_reaches_the_liblinear_optimum(n, d):
+    """Per problem (incl. training subsets and a small-row sub-basis), the torch solution scores like
+    LinearSVC's and its primal objective is never worse (it is the optimum LinearSVC approaches)."""
+    x, y = blobs(n, d, 3, seed=1)
+    x = l2_normalize(x)
+    t = svm.train_targets(y)
+    costs = np.array([0.1, 1.0, 100.0])
+    labels = np.repeat(t, 3, axis=0)
+    cost = np.tile(costs, 3)
+    mask = np.ones_like(labels, dtype=bool)
+    mask[2::3, : n // 3] = False  # some problems train on a subset
+    mask[1::3, n // 4:] = False  # a few rows only: the sub-basis path
+    ours = TorchSVM(x, {"other": x[:7]}).fit_scores(labels, mask, cost, ("train", "other"))
+    ref = SklearnSVM(x, {"other": x[:7]}, max_iter=100000).fit_scores(labels, mask, cost, ("train", "other"))
+    xa = np.hstack([x, np.ones((n, 1))])
+    for p in range(len(labels)):
+        c = problem_costs(labels[p:p + 1], mask[p:p + 1], cost[p:p + 1])[0]
+        w = np.linalg.lstsq(xa, ref["train"][p], rcond=None)[0]  # LinearSVC's w, b (scores are linear in x)
+        f_ref = 0.5 * w @ w + np.sum(c * np.maximum(0, 1 - labels[p] * ref["train"][p]) ** 2)
+        w_ours = np.linalg.lstsq(xa, ours["train"][p], rcond=None)[0]
+        f_ours = 0.5 * w_ours @ w_ours + np.sum(c * np.maximum(0, 1 - labels[p] * ours["train"][p]) ** 2)
+        assert f_ours <= f_ref * (1 + 1e-6)
+        assert np.abs(ours["train"][p] - ref["train"][p]).max() < 1e-3 * max(1.0, np.abs(ref["train"][p]).max())
+        assert np.abs(ours["other"][p] - ref["other"][p]).max() < 1e-3 * max(1.0, np.abs(ref["other"][p]).max())
+
+
+def test_torch_and_sklearn_protocols_agree_within_0_1_map():
+    x, y = blobs(240, 96, 5, seed=2)
+    xt, yt = blobs(200, 96, 5, seed=3)
+    a = svm.voc07_svm(x, y, xt, yt, svm.SVMSolverOptions(solver="torch"), progress=False)
+    b = svm.voc07_svm(x, y, xt, yt, svm.SVMSolverOptions(solver="sklearn"), progress=False)
+    assert abs(100 * a.mAP - 100 * b.mAP) < 0.1
+    assert np.nanmax(np.abs(a.cv_ap - b.cv_ap)) < 5e-3
+    assert 30 < 100 * a.mAP < 100  # a non-trivial problem
+
+
+def test_mixed_precision_matches_float64():
+    x, y = blobs(150, 64, 3, seed=4)
+    xt, yt = blobs(100, 64, 3, seed=5)
+    a = svm.voc07_svm(x, y, xt, yt, svm.SVMSolverOptions(precision="float64"), progress=False)
+    b = svm.voc07_svm(x, y, xt, yt, svm.SVMSolverOptions(precision="mixed"), progress=False)
+    assert abs(a.mAP - b.mAP) < 1e-3 and np.nanmax(np.abs(a.cv_ap - b.cv_ap)) < 1e-3
+
+
+# --- low-shot -------------------------------------------------------------------------------------------
+def test_lowshot_draws_k_positives_and_c_minus_1_k_negatives_seeded():
+    _, y = blobs(400, 4, 4, seed=6)
+    idx = lowshot.draw_samples(y, k=4, sample=0, seed=0)
+    assert idx.shape == (4, 16)
+    for c in range(4):
+        assert (y[idx[c, :4], c] == 1).all() and (y[idx[c, 4:], c] == 0).all()  # never a difficult image
+        assert len(set(idx[c].tolist())) == 16
+    assert np.array_equal(idx, lowshot.draw_samples(y, 4, 0, 0))
+    assert not np.array_equal(idx, lowshot.draw_samples(y, 4, 1, 0))
+    assert not np.array_equal(idx, lowshot.draw_samples(y, 4, 0, 1))
+    with pytest.raises(DataError, match="k=500 needs 500 positives .* of class 'c0'"):
+        lowshot.draw_samples(y, 500, 0, 0, ["c0", "c1", "c2", "c3"])
+
+
+def test_lowshot_reports_the_test_selected_cost_statistics():
+    x, y = blobs(300, 48, 3, seed=7)
+    xt, yt = blobs(150, 48, 3, seed=8)
+    opts = svm.SVMSolverOptions(costs=[0.01, 1.0, 100.0])
+    res = lowshot.lowshot_svm(x, y, xt, yt, opts, k_values=(1, 4), n_samples=3, seed=0, selection="val",
+                              progress=False)
+    assert set(res.samples) == {f"k{k}_sample{s}" for k in (1, 4) for s in range(3)}
+    assert res.samples["k4_sample2"].shape == (3, 12)
+    for k in (1, 4):
+        test = res.test_map[k]
+        assert test.shape == (3, 3)
+        best = int(np.argmax(test.mean(axis=0)))
+        row = res.summary("test")[k]
+        assert row["cost"] == opts.costs[best]
+        col = 100 * test[:, best]
+        assert (row["mean"], row["min"], row["max"]) == pytest.approx((col.mean(), col.min(), col.max()))
+        assert row["std"] == pytest.approx(np.std(col))  # population std, as VISSL's np.std
+        val_best = int(np.argmax(res.val_map[k].mean(axis=0)))
+        assert res.summary("val")[k]["mean"] == pytest.approx(100 * test[:, val_best].mean())
+    # each (k, sample, class, cost) SVM is exactly LinearSVC on the drawn images
+    idx = res.samples["k4_sample1"][2]
+    lab = np.where(np.arange(12) < 4, 1, -1)
+    clf = reference_svc(1.0).fit(l2_normalize(x)[idx], lab)
+    ours = TorchSVM(l2_normalize(x)).fit_scores(np.where(np.isin(np.arange(300), idx[:4]), 1, -1)[None],
+                                                np.isin(np.arange(300), idx)[None], np.array([1.0]))["train"][0]
+    assert np.abs(ours - clf.decision_function(l2_normalize(x))).max() < 1e-3
+
+
+# --- command line and end to end ------------------------------------------------------------------------
+def test_cli_on_a_features_file(tmp_path, capsys):
+    from evaluate.cli import main
+    x, y = blobs(90, 16, 3, seed=9)
+    xt, yt = blobs(60, 16, 3, seed=10)
+    path = write_npz(tmp_path / "f.npz", {"train_feats": x, "train_labels": y, "test_feats": xt,
+                                          "test_labels": yt, "class_names": np.array(["a", "b", "c"])})
+    assert main(["svm", "--features", str(path), "--costs", "0.1,1,10", "--out", str(tmp_path / "svm")]) == 0
+    rec = read_metrics(tmp_path / "svm" / "metrics.json")
+    m = rec["metrics"]
+    assert rec["benchmark"] == "svm" and rec["config"]["costs"] == [0.1, 1.0, 10.0]
+    assert m["mAP"] == pytest.approx(np.mean([m["AP/a"], m["AP/b"], m["AP/c"]]))
+    assert set(m["details"]["chosen_cost"].values()) <= {0.1, 1.0, 10.0}
+    assert main(["lowshot", "--features", str(path), "--k-values", "1,2", "--samples", "2", "--costs", "1",
+                 "--out", str(tmp_path / "ls")]) == 0
+    rec = read_metrics(tmp_path / "ls" / "metrics.json")
+    assert {"k1/mAP_mean", "k2/mAP_std", "k2/mAP_min", "k2/mAP_max"} <= set(rec["metrics"])
+    saved = np.load(tmp_path / "ls" / "lowshot_samples.npz")
+    assert saved["k2_sample1"].shape == (3, 6)
+    capsys.readouterr()
+    assert main(["lowshot", "--features", str(path), "--k-values", "40", "--out", str(tmp_path / "bad")]) == 2
+    assert "k=40 needs 40 positives" in capsys.readouterr().err
+    assert main(["svm", "--features", str(path), "--solver", "libsvm"]) == 2
+    assert "unknown solver 'libsvm'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, demo_data):
+    """A 3-step MoCo v2 demo pretrain checkpoint (pretrain --config demo) and a random init of the same arch."""
+    from pretrain.config import parse_config
+    from pretrain.train import CONFIG_DIR, PretrainConfig, run
+    out = tmp_path_factory.mktemp("pretrain")
+    cfg, _ = parse_config(PretrainConfig, ["--config", "demo", "--epochs", "1", "--steps-per-epoch", "3",
+                                           "--workers", "0", "--out", str(out)], "t", "t", search_dir=CONFIG_DIR)
+    run(cfg)
+    return {"pretrained": str(out / "checkpoint_0000.pth.tar"), "random": "random:resnet18_small:16"}
+
+
+@pytest.mark.parametrize("which", ["pretrained", "random"])
+def test_demo_end_to_end(checkpoints, which, tmp_path):
+    from evaluate.cli import main
+    common = ["--checkpoint", checkpoints[which], "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["svm", "--config", "demo", *common, "--out", str(tmp_path / "svm")]) == 0
+    rec = read_metrics(tmp_path / "svm" / "metrics.json")
+    m = rec["metrics"]
+    assert rec["stage"] == "eval" and rec["benchmark"] == "svm"
+    assert m["details"]["n_train"] == 300 and m["details"]["n_test"] == 150
+    aps = [v for k, v in m.items() if k.startswith("AP/")]
+    assert len(aps) == 10 and all(0 <= a <= 100 for a in aps) and m["mAP"] == pytest.approx(np.mean(aps))
+    assert (rec["checkpoint"] is not None) == (which == "pretrained")
+    assert main(["lowshot", "--config", "demo", *common, "--k-values", "1,4", "--samples", "2",
+                 "--out", str(tmp_path / "ls")]) == 0
+    ls = read_metrics(tmp_path / "ls" / "metrics.json")["metrics"]
+    assert ls["details"]["features"] == m["details"]["features"]  # one cached extraction serves both
+    for k in (1, 4):
+        assert 0 <= ls[f"k{k}/mAP_min"] <= ls[f"k{k}/mAP_mean"] <= ls[f"k{k}/mAP_max"] <= 100
