@@ -14,6 +14,7 @@ same rounds so load drift affects all figures alike.
     mocobench bench pretrain             # 224 px, 5 rounds of 2 steps per variant
     mocobench bench pretrain --quick     # 64 px, 3 rounds
     mocobench bench pretrain --variants official,fast,fp32-cl,bf16-nchw
+    mocobench bench pretrain --quick --variants official,fp32-cl-compile     # candidate: torch.compile
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ from pretrain.train import CONFIG_DIR, PretrainConfig, build_model
 TARGET_RATIO = 2.5
 TARGET_PEAK_FRACTION = 0.75
 _DEFAULTS = PretrainConfig()
-# name -> (amp, channels_last); "fast" is whatever the project's training defaults are
-VARIANTS = {"official": (False, False), "fast": (_DEFAULTS.amp, _DEFAULTS.channels_last),
-            "fp32-cl": (False, True), "bf16-nchw": (True, False)}
+# name -> (amp, channels_last, torch.compile of the encoders); "fast" is the project's training defaults.
+# The *-compile variants are candidates (pretrain.train has no compile option): compiling takes minutes.
+VARIANTS = {"official": (False, False, False), "fast": (_DEFAULTS.amp, _DEFAULTS.channels_last, False),
+            "fp32-cl": (False, True, False), "bf16-nchw": (True, False, False),
+            "fp32-cl-compile": (False, True, True), "fast-compile": (_DEFAULTS.amp, _DEFAULTS.channels_last, True)}
 
 
 def moco_v2_config(arch: str, batch_size: int, size: int) -> PretrainConfig:
@@ -50,12 +53,16 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 class StepRunner:
     """One variant: its own model and optimizer, and the training step of pretrain.train.run."""
 
-    def __init__(self, cfg: PretrainConfig, amp: bool, channels_last: bool, device: torch.device, seed: int = 0):
+    def __init__(self, cfg: PretrainConfig, amp: bool, channels_last: bool, device: torch.device, seed: int = 0,
+                 compile: bool = False):
         torch.manual_seed(seed)
         self.cfg, self.amp, self.channels_last, self.device = cfg, amp, channels_last, device
         self.model = build_model(cfg, world=1).to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:  # in place (Module.compile keeps state_dict keys); MoCo's queue/shuffle stay eager
+            self.model.encoder_q.compile()
+            self.model.encoder_k.compile()
         self.model.train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -124,11 +131,14 @@ def run(variants: list[str], arch: str = "resnet50", batch_size: int = 32, size:
     cfg = moco_v2_config(arch, batch_size, size)
     runners = {}
     for name in variants:
-        amp, cl = VARIANTS[name]
-        runners[name] = StepRunner(cfg, amp, cl, dev)
-        for _ in range(warmup):
+        amp, cl, comp = VARIANTS[name]
+        runners[name] = StepRunner(cfg, amp, cl, dev, compile=comp)
+        for _ in range(max(warmup, 1 if comp else 0)):  # the first compiled step compiles
             runners[name].step()
-    flops = {name: step_flops(r) for name, r in runners.items()}
+    # the same model and math in every variant: count on an eager one (compiled kernels are not seen)
+    eager = next((runners[n] for n in variants if not VARIANTS[n][2]), None)
+    per_step = step_flops(eager or StepRunner(cfg, False, False, dev))
+    flops = {name: per_step for name in variants}
     timed = {name: (lambda r=r: rate(lambda: r.steps(steps))) for name, r in runners.items()}
     timed["bf16_peak"] = lambda: matmul_peak(torch.bfloat16, dev, peak_sizes)
     timed["fp32_peak"] = lambda: matmul_peak(torch.float32, dev, peak_sizes)
@@ -139,6 +149,7 @@ def run(variants: list[str], arch: str = "resnet50", batch_size: int = 32, size:
               "arch": arch,
               "batch_size": batch_size, "image_size": size, "rounds": rounds, "steps_per_round": steps,
               "variants": {name: {"amp": VARIANTS[name][0], "channels_last": VARIANTS[name][1],
+                                  "compile": VARIANTS[name][2],
                                   "img_s": round(img_s[name], 3),
                                   "gflop_per_img": round(flops[name] / batch_size / 1e9, 3),
                                   "tflop_s": round(img_s[name] * flops[name] / batch_size / 1e12, 4)}
@@ -189,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     peak_sizes = [int(n) for n in args.peak_sizes.split(",") if n.strip()]
     res = run(variants, args.arch, args.batch_size, size, rounds, args.steps, args.warmup, args.device, peak_sizes)
     for name, v in res["variants"].items():
-        print(f"{name:10s} amp={str(v['amp']):5s} channels_last={str(v['channels_last']):5s} "
+        print(f"{name:15s} amp={str(v['amp']):5s} channels_last={str(v['channels_last']):5s} "
+              f"compile={str(v['compile']):5s} "
               f"{v['img_s']:9.2f} img/s  {v['tflop_s'] * 1e3:8.1f} GFLOP/s  "
               f"{v['fraction_of_bf16_peak']:.2f} of bf16 peak, {v['fraction_of_fp32_peak']:.2f} of fp32 peak")
     print(f"CPU: AMX tiles {'yes' if res['cpu_amx'] else 'no'}, avx512_bf16 {'yes' if res['cpu_avx512_bf16'] else 'no'}")
