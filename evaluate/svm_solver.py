@@ -106,14 +106,16 @@ class SolveInfo:
     problems: int
 
 
-def _pcg(hvp, rhs: torch.Tensor, precond: torch.Tensor, rtol: torch.Tensor, max_iter: int):
+def _pcg(hvp, rhs: torch.Tensor, precond: torch.Tensor, rtol: torch.Tensor, budget: torch.Tensor):
     """Batched preconditioned conjugate gradients: solve H_p x_p = rhs_p for every row p.
 
     `hvp(V, rows)` applies the (symmetric positive definite) H of problems `rows` to the rows of V;
-    `precond` holds the diagonal of each H (Jacobi). A row whose residual reaches |r_p| <= rtol_p |rhs_p|
-    leaves the working set, so the matrix products shrink as problems converge.
+    `precond` holds the diagonal of each H (Jacobi). A row leaves the working set (so the matrix products
+    shrink) once |r_p| <= rtol_p |rhs_p| or after budget_p steps. Returns x, the number of steps of the
+    longest row, and which rows ran out of budget unconverged (x is then a truncated-CG descent direction).
     """
     x = torch.zeros_like(rhs)
+    exhausted = torch.zeros(len(rhs), dtype=torch.bool, device=rhs.device)
     live = torch.arange(len(rhs), device=rhs.device)
     r = rhs.clone()
     z = r / precond
@@ -122,21 +124,25 @@ def _pcg(hvp, rhs: torch.Tensor, precond: torch.Tensor, rtol: torch.Tensor, max_
     target = rtol * rhs.norm(dim=1)
     tiny = torch.finfo(rhs.dtype).tiny
     iters = 0
-    for iters in range(1, max_iter + 1):
+    while len(live):
+        iters += 1
         hp = hvp(p, live)
         alpha = rz / (p * hp).sum(1).clamp_min(tiny)
         x[live] += alpha[:, None] * p
         r -= alpha[:, None] * hp
-        go = r.norm(dim=1) > target
+        unconverged = r.norm(dim=1) > target
+        out_of_budget = unconverged & (budget[live] <= iters)
+        exhausted[live[out_of_budget]] = True
+        go = unconverged & ~out_of_budget
         if not bool(go.all()):
-            if not bool(go.any()):
-                break
             live, r, p, rz, target = live[go], r[go], p[go], rz[go], target[go]
+            if not len(live):
+                break
         z = r / precond[live]
         rz_new = (r * z).sum(1)
         p = z + (rz_new / rz.clamp_min(tiny))[:, None] * p
         rz = rz_new
-    return x, iters
+    return x, iters, exhausted
 
 
 def _line_search(wd, dd, xi, q, cost, iters: int = 40):
@@ -170,7 +176,7 @@ def _line_search(wd, dd, xi, q, cost, iters: int = 40):
 
 
 def _direct_directions(Z: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, W: torch.Tensor,
-                       dtype: torch.dtype = torch.float64, max_bytes: int = 1 << 29) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float64, max_bytes: int = 1 << 27) -> torch.Tensor:
     """Exact Newton directions through the dual of the active set S (rows with a positive a = cost x violated).
 
     On a fixed S the objective is quadratic with minimiser w+ = Z_S^T g, (K_SS + diag(1/2a_S)) g = y_S
@@ -201,7 +207,8 @@ def _direct_directions(Z: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, A: tor
             L = L.to(torch.float64)
             L[bad] = torch.linalg.cholesky(M[bad].to(torch.float64))
             rhs = rhs.to(torch.float64)
-        gamma = torch.cholesky_solve(rhs, L)[..., 0].to(Z.dtype)
+        half = torch.linalg.solve_triangular(L, rhs, upper=False)  # two triangular solves: L L^T g = y
+        gamma = torch.linalg.solve_triangular(L.mT, half, upper=True)[..., 0].to(Z.dtype)
         dual = torch.zeros(len(gamma), Z.shape[0], dtype=Z.dtype, device=Z.device)
         dual.scatter_add_(1, idx, torch.where(valid, gamma, 0.0))
         out[sl] = dual @ Z - W[sl]
@@ -209,16 +216,20 @@ def _direct_directions(Z: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, A: tor
 
 
 def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
-                 max_newton: int = 100, max_cg: int = 200, W0: torch.Tensor | None = None,
+                 max_newton: int = 100, max_cg: int = 500, W0: torch.Tensor | None = None,
                  cg_dtype: torch.dtype | None = None, K: torch.Tensor | None = None,
-                 direct_cg_equiv: float = 30.0) -> tuple[torch.Tensor, SolveInfo]:
+                 direct0: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo, torch.Tensor]:
     """Minimise 1/2|w_p|^2 + sum_i cost[p,i] max(0, 1 - labels[p,i] Z_i.w_p)^2 for every problem p.
 
     Z: (N, r) shared design; labels (P, N) +-1; cost (P, N) >= 0 (0 = row not in problem p's training
-    set). Returns W (P, r). Each Newton direction comes from preconditioned CG on the primal Hessian, or,
-    given the Gram matrix K = Z Z^T and an active set small enough that a Cholesky of it costs less than
-    `direct_cg_equiv` CG steps, from an exact solve in the dual (`_direct_directions`). An exact line
-    search follows. A problem is done once |grad| <= tol * |grad at w=0|; done problems leave the batch.
+    set). Returns W (P, r). Newton directions come from preconditioned CG on the primal Hessian; given the
+    Gram matrix K = Z Z^T, a problem whose CG needs more steps than an exact dual solve of its active set
+    S would cost (|S|^3/3 flops against 4 N r per step) keeps its truncated-CG direction for that step and
+    switches to exact solves (`_direct_directions`): cheap CG for small C (nearly all rows active, well
+    conditioned), Cholesky for large C (few active rows, ill-conditioned). An exact line search follows.
+    A problem is done once |grad| <= tol * |grad at w=0|; done problems leave the batch. `direct0` marks
+    problems that start with exact solves (warm starts whose predecessor ended with them); the same mask at
+    the end is returned third.
     """
     P, N = labels.shape
     r = Z.shape[1]
@@ -231,8 +242,9 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     W = W_out.clone() if W0 is None else W0.clone()
     O = W @ Z.T  # scores Z w on the training rows
     Y, C, CY, G0 = labels, cost, cy_all, g0
+    direct = torch.zeros(P, dtype=torch.bool, device=Z.device) if direct0 is None or K is None else direct0.clone()
+    direct_out = direct.clone()  # switched to exact solves
     newton = cg_total = 0
-    max_direct = (3 * direct_cg_equiv * 4 * N * r) ** (1 / 3) if K is not None else 0
     converged = torch.zeros(P, dtype=torch.bool, device=Z.device)
     for newton in range(1, max_newton + 1):
         xi = 1 - Y * O
@@ -243,12 +255,13 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
         if bool(done.any()):
             W_out[idx[done]] = W[done]
             converged[idx[done]] = True
+            direct_out[idx[done]] = direct[done]
             keep = ~done
-            idx, W, O, Y, C, CY, G0, G, gn, xi = (a[keep] for a in (idx, W, O, Y, C, CY, G0, G, gn, xi))
+            idx, W, O, Y, C, CY, G0, G, gn, xi, direct = (
+                a[keep] for a in (idx, W, O, Y, C, CY, G0, G, gn, xi, direct))
             if idx.numel() == 0:
                 break
         A = C * (xi > 0)
-        direct = (A > 0).sum(1) <= max_direct
         D = torch.empty_like(W)
         if bool(direct.any()):
             D[direct] = _direct_directions(Z, K, Y[direct], A[direct], W[direct])
@@ -257,18 +270,25 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
             Acg = A[it]
             precond = 1 + 2 * (Acg @ Z2)
             rtol = torch.clamp(torch.sqrt(gn[it] / G0[it]), max=0.1)
+            if K is not None:  # CG steps worth one Cholesky of the active set
+                budget = ((Acg > 0).sum(1).double() ** 3 / 3 / (4 * N * r)).clamp(1, max_cg).long()
+            else:
+                budget = torch.full((len(Acg),), max_cg, dtype=torch.long, device=Z.device)
             Zc, Ac = (Z, Acg) if cg_dtype is None else (Zlow, Acg.to(cg_dtype))
-            Dcg, k = _pcg(lambda V, rows: V + 2 * (((V @ Zc.T) * Ac[rows]) @ Zc), (-G[it]).to(Zc.dtype),
-                          precond.to(Zc.dtype), rtol.to(Zc.dtype), max_cg)
+            Dcg, k, exhausted = _pcg(lambda V, rows: V + 2 * (((V @ Zc.T) * Ac[rows]) @ Zc), (-G[it]).to(Zc.dtype),
+                                     precond.to(Zc.dtype), rtol.to(Zc.dtype), budget)
             D[it] = Dcg.to(Z.dtype)
             cg_total += k
+            if K is not None:
+                direct[it.nonzero()[:, 0][exhausted]] = True
         Delta = D @ Z.T
         t = _line_search((W * D).sum(1), (D * D).sum(1), xi, Y * Delta, C)
         W = W + t[:, None] * D
         O = O + t[:, None] * Delta
     if idx.numel():
         W_out[idx] = W
-    return W_out, SolveInfo(newton, cg_total, int(converged.sum()), P)
+        direct_out[idx] = direct
+    return W_out, SolveInfo(newton, cg_total, int(converged.sum()), P), direct_out
 
 
 # precision name -> (dtype of the Newton iterates and gradients, dtype of the inner CG solves or None = same)
@@ -291,7 +311,7 @@ class TorchSVM:
     """
 
     def __init__(self, train: np.ndarray, evals: Mapping[str, np.ndarray] | None = None, device: str = "cpu",
-                 precision: str = "float64", tol: float = 1e-6, max_newton: int = 100, max_cg: int = 200,
+                 precision: str = "float64", tol: float = 1e-6, max_newton: int = 100, max_cg: int = 500,
                  batch_size: int = 1024, warm_start: bool = True, max_gram_rows: int = 20000):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -337,24 +357,28 @@ class TorchSVM:
             Z = sub.Z
         y_all = np.where(labels[:, rows] > 0, 1.0, -1.0)
         c_all = problem_costs(labels[:, rows], train_mask[:, rows], costs)
-        warm: dict[int, torch.Tensor] = {}  # solutions (in this call's basis) that later stages start from
+        # solutions (in this call's basis) that later stages start from, and whether they ended with exact steps
+        warm: dict[int, tuple[torch.Tensor, bool]] = {}
         for stage in _cost_chains(y_all, train_mask[:, rows], costs):
             for start in range(0, len(stage), self.batch_size):
                 batch = stage[start:start + self.batch_size]
                 ids = [p for p, _ in batch]
                 y = torch.as_tensor(y_all[ids], dtype=self.dtype, device=self.device)
                 c = torch.as_tensor(c_all[ids], dtype=self.dtype, device=self.device)
-                W0 = None
+                W0 = direct0 = None
                 if self.warm_start and any(prev is not None for _, prev in batch):
-                    W0 = torch.stack([warm[prev] if prev is not None else torch.zeros_like(Z[0])
+                    W0 = torch.stack([warm[prev][0] if prev is not None else torch.zeros_like(Z[0])
                                       for _, prev in batch])
-                W, info = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton, max_cg=self.max_cg,
-                                       W0=W0, cg_dtype=self.cg_dtype, K=K)
+                    direct0 = torch.tensor([prev is not None and warm[prev][1] for _, prev in batch],
+                                           device=self.device)
+                W, info, direct = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton,
+                                               max_cg=self.max_cg, W0=W0, cg_dtype=self.cg_dtype, K=K,
+                                               direct0=direct0)
                 self.info.append(info)
                 if info.converged < info.problems:
                     warnings.warn(f"TorchSVM: {info.problems - info.converged} of {info.problems} problems did "
                                   f"not reach tol={self.tol} in {self.max_newton} Newton steps", RuntimeWarning)
-                warm.update({p: W[i] for i, p in enumerate(ids)})
+                warm.update({p: (W[i], bool(direct[i])) for i, p in enumerate(ids)})
                 W_full = W @ sub.V.T if sub is not None else W  # back to the full basis' coordinates
                 for e in evals:
                     out[e][ids] = (self.projected[e] @ W_full.T).T.cpu().numpy()
@@ -385,10 +409,12 @@ def _cost_chains(y: np.ndarray, mask: np.ndarray, costs: np.ndarray) -> list[lis
 # ----------------------------------------------------------------------------------------------------
 
 def reference_svc(cost: float, max_iter: int = SKLEARN_MAX_ITER):
-    """The exact LinearSVC VISSL / MMSelfSup train (svm_trainer.py, train_svm_kfold.py)."""
+    """The LinearSVC VISSL / MMSelfSup train (svm_trainer.py, train_svm_kfold.py). `random_state` is fixed
+    here (they leave it unset): it only orders liblinear's coordinate sweeps, and fixing it makes the
+    reference reproducible run to run."""
     from sklearn.svm import LinearSVC
     return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
-                     loss="squared_hinge", dual=True, tol=SKLEARN_TOL, max_iter=max_iter)
+                     loss="squared_hinge", dual=True, tol=SKLEARN_TOL, max_iter=max_iter, random_state=0)
 
 
 class SklearnSVM:

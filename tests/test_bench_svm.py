@@ -1,0 +1,51 @@
+"""`mocobench bench svm`: the synthetic VOC07-like data, and a tiny side-by-side run of sklearn's LinearSVC
+(reference) and the batched torch solver through the whole protocol, each in its own process."""
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import svm as bench
+
+
+def test_synthetic_voc_is_voc_like_and_seeded():
+    d = bench.synthetic_voc(600, 300, 64, classes=20, seed=1)
+    assert d["train_feats"].shape == (600, 64) and d["test_feats"].shape == (300, 64)
+    assert d["train_feats"].dtype == np.float32 and (d["train_feats"] >= 0).all()  # post-ReLU features
+    y = d["train_labels"]
+    assert y.shape == (600, 20) and set(np.unique(y)) == {-1, 0, 1}
+    present = (y != 0).mean(0)
+    assert present.argmax() == 14  # "person", by far VOC07's most frequent class
+    assert 0.25 < present[14] < 0.55 and present[16] < 0.06
+    assert 0.02 < (y == -1).sum() / (y != 0).sum() < 0.16  # ~8% of the positives are difficult
+    again = bench.synthetic_voc(600, 300, 64, classes=20, seed=1)
+    assert all(np.array_equal(d[k], again[k]) for k in d)
+    assert not np.array_equal(d["train_feats"], bench.synthetic_voc(600, 300, 64, classes=20, seed=2)["train_feats"])
+
+
+def test_bench_runs_both_solvers_and_they_agree(capsys, tmp_path):
+    assert bench.main(["--n-train", "150", "--n-test", "120", "--dim", "48", "--classes", "4",
+                       "--costs", "0.1,1,10", "--solvers", "torch,sklearn"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])  # the last line is the JSON summary
+    assert res["benchmark"] == "svm" and "150 train / 120 test, 48-d, 4 classes" in res["data"]
+    assert res["speedup"] == pytest.approx(res["sklearn_seconds"] / res["torch_seconds"])  # sklearn is the reference
+    assert res["abs_delta_mAP"] < 0.1 and res["abs_delta_mAP"] == pytest.approx(abs(res["torch_mAP"] - res["sklearn_mAP"]))
+    assert res["torch_peak_rss_mib"] > 50 and res["sklearn_peak_rss_mib"] > 50
+    assert any(line.startswith("  speedup") for line in out)
+    # a features file instead of synthetic data, torch alone
+    d = bench.synthetic_voc(80, 60, 16, classes=3)
+    from evaluate.features import write_npz
+    path = write_npz(tmp_path / "f.npz", d)
+    assert bench.main(["--features", str(path), "--solvers", "torch", "--costs", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "torch_mAP" in res and "speedup" not in res
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--solvers", "liblinear"])
+    assert e.value.code == 2 and "--solvers takes torch and/or sklearn" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--features", "/nonexistent.npz"])
+    assert "no such file" in capsys.readouterr().err
