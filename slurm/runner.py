@@ -36,11 +36,10 @@ def job_environment():
         return None
 
 
-def _demo_data_root(task: str) -> str:
-    """detectron2 wants ROOT/VOC2007 (VOC) or ROOT/coco (COCO); the embedded demo data has both layouts."""
+def _demo_data_root() -> str:
+    """The embedded demo data's root: transfer reads ROOT/VOCdevkit/VOC2007 and ROOT/coco from it."""
     from pretrain.demo_data import ensure_demo_data
-    demo = ensure_demo_data()
-    return str(Path(demo.voc).parent if task == "voc" else Path(demo.coco).parent)
+    return str(ensure_demo_data().root)
 
 
 def limit_threads(threads: int | None) -> None:
@@ -95,7 +94,7 @@ class StageJob(submitit.helpers.Checkpointable):
         from mocobench.cli import main as mocobench_main
         argv = list(self.payload["argv"])
         root = self.payload.get("data_root", "")
-        argv += ["--data-root", _demo_data_root(self.payload.get("task", "voc")) if root == "demo" else root]
+        argv += ["--data-root", _demo_data_root() if root == "demo" else root]
         if self.payload.get("multinode") and env is not None and env.num_nodes > 1:
             port = random.Random(env.job_id).randint(20000, 60000)
             argv += ["--num-machines", str(env.num_nodes), "--machine-rank", str(env.node),

@@ -111,7 +111,7 @@ def stage_kind(benchmark: str, where: str) -> Kind:
 def _config_file(name: str, spec_dir: Path) -> str:
     """Config files are relative to the spec's folder, else the current dir, else a shipped name."""
     p = Path(name)
-    if not p.is_absolute() and (spec_dir / p).exists():
+    if not p.is_absolute() and (spec_dir / p).is_file():
         return str(spec_dir / p)
     return name
 
