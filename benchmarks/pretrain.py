@@ -157,6 +157,9 @@ def run(variants: list[str], arch: str = "resnet50", batch_size: int = 32, size:
               "bf16_matmul_peak_tflop_s": round(bf16_peak / 1e12, 4),
               "fp32_matmul_peak_tflop_s": round(fp32_peak / 1e12, 4),
               "peak_rss_mib": round(peak_rss_mib(), 1)}
+    if "official" in variants:  # every variant against the official recipe, paired by round
+        for name in variants:
+            result["variants"][name]["speedup_vs_official"] = round(paired_ratio(rates[name], rates["official"]), 3)
     for name in variants:  # per round: model FLOP/s over the peak measured next to it
         v, model_flops = result["variants"][name], [r * flops[name] / batch_size for r in rates[name]]
         v["fraction_of_bf16_peak"] = round(paired_ratio(model_flops, rates["bf16_peak"]), 4)
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:15s} amp={str(v['amp']):5s} channels_last={str(v['channels_last']):5s} "
               f"compile={str(v['compile']):5s} "
               f"{v['img_s']:9.2f} img/s  {v['tflop_s'] * 1e3:8.1f} GFLOP/s  "
-              f"{v['fraction_of_bf16_peak']:.2f} of bf16 peak, {v['fraction_of_fp32_peak']:.2f} of fp32 peak")
+              f"{v['fraction_of_bf16_peak']:.2f} of bf16 peak, {v['fraction_of_fp32_peak']:.2f} of fp32 peak"
+              + (f", {v['speedup_vs_official']:.2f}x official" if "speedup_vs_official" in v else ""))
     print(f"CPU: AMX tiles {'yes' if res['cpu_amx'] else 'no'}, avx512_bf16 {'yes' if res['cpu_avx512_bf16'] else 'no'}")
     print(f"matmul peak: bf16 {res['bf16_matmul_peak_tflop_s'] * 1e3:.1f} GFLOP/s, "
           f"fp32 {res['fp32_matmul_peak_tflop_s'] * 1e3:.1f} GFLOP/s (measured in the same rounds)")

@@ -232,6 +232,7 @@ def test_bench_pretrain_reports_ratio_flops_and_peaks(capsys):
     off, fast = res["variants"]["official"], res["variants"]["fast"]
     assert (off["amp"], off["channels_last"]) == (False, False) and (fast["amp"], fast["channels_last"]) == (True, True)
     assert res["ratio"] == pytest.approx(fast["img_s"] / off["img_s"], rel=0.01)  # one round: the plain ratio
+    assert fast["speedup_vs_official"] == res["ratio"] and off["speedup_vs_official"] == 1.0
     assert off["gflop_per_img"] == fast["gflop_per_img"] > 0 and res["bf16_matmul_peak_tflop_s"] > 0
     assert fast["fraction_of_bf16_peak"] == pytest.approx(fast["tflop_s"] / res["bf16_matmul_peak_tflop_s"], rel=0.02)
     assert "meets_target" in res and res["target_ratio"] == 2.5
