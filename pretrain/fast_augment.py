@@ -47,11 +47,12 @@ def decode_rgb(path) -> torch.Tensor:
     Raises OSError for unreadable files, like PIL, so `RobustImageFolder` skips them the same way.
     """
     try:
-        data = tvio.read_file(str(path))
-        return tvio.decode_image(data, mode=tvio.ImageReadMode.RGB)
+        img = tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
+        if img.dtype == torch.uint8:
+            return img
     except (RuntimeError, ValueError):
         pass  # not JPEG/PNG/WEBP/GIF or an exotic variant: let PIL try (it raises OSError if it cannot)
-    return pil_to_uint8(_load_rgb(str(path)))
+    return pil_to_uint8(_load_rgb(str(path)))  # also 16-bit PNGs: converted exactly as the PIL pipeline does
 
 
 def pil_to_uint8(img) -> torch.Tensor:

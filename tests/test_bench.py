@@ -185,8 +185,9 @@ def test_decode_rgb_matches_pil_and_fails_like_pil(tmp_path):
     img.convert("L").save(tmp_path / "c" / "gray.jpg")
     img.convert("CMYK").save(tmp_path / "c" / "cmyk.jpg")
     img.save(tmp_path / "c" / "d.bmp")  # not a torchvision.io format: PIL fallback
+    Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 100)).save(tmp_path / "c" / "e16.png")
     (tmp_path / "c" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    for name, tol in (("a.png", 0), ("d.bmp", 0), ("b.jpg", 2), ("gray.jpg", 2), ("cmyk.jpg", 3)):
+    for name, tol in (("a.png", 0), ("d.bmp", 0), ("e16.png", 0), ("b.jpg", 2), ("gray.jpg", 2), ("cmyk.jpg", 3)):
         ours = fa.decode_rgb(tmp_path / "c" / name)
         ref = fa.pil_to_uint8(_load_rgb(str(tmp_path / "c" / name)))
         assert ours.dtype == torch.uint8 and ours.shape == ref.shape == (3, 72, 96), name
