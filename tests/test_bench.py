@@ -1,7 +1,6 @@
 """The tensor MoCo augmentation against the official PIL pipeline (op by op, whole views with the same random
 parameters, parameter distributions), its decoder, and the `mocobench bench pretrain|loader` commands on
 tiny settings (correctness of what they measure, never their speed)."""
-import io
 import json
 import math
 import random
