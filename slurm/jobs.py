@@ -5,6 +5,7 @@ pending | running | completed | failed | cancelled | timeout | unknown, with the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,18 @@ def slurm_states(job_ids: list[str]) -> dict[str, JobState]:
     return {j: found[j] for j in ids}
 
 
+def slurm_responds(timeout: float = 10) -> bool:
+    """True when `sinfo` reaches a controller and at least one node can run jobs."""
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and any(s.startswith(("idle", "mixed", "alloc")) for s in out.stdout.split())
+
+
+
 def _pid_is_submitit(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -101,6 +114,44 @@ def _pid_is_submitit(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z" and b"submitit" in cmdline
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def stop_local_job(job, grace_s: float = 3.0) -> None:
+    """Stop a local submitit job: SIGINT to its controller (which stops its tasks), then SIGKILL to the
+    controller and every process below it if they are still there (SIGINT is ignored in processes
+    started in the background, and the tasks ignore SIGTERM by design)."""
+    import signal
+    import time
+    process = getattr(job, "_process", None)
+    if process is None or process.poll() is not None:
+        return
+    tree = _descendants(process.pid)
+    process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in [*tree, process.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    process.poll()
 
 
 def result_outcome(result_pickle: str | Path) -> str | None:

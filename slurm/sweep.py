@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -43,9 +44,8 @@ def pick_cluster(requested: str) -> str:
     if requested != "auto":
         return requested
     import submitit
-    from slurm.testing import slurm_responds
     chosen = submitit.AutoExecutor.which()
-    if chosen == "slurm" and not slurm_responds():
+    if chosen == "slurm" and not jobs.slurm_responds():
         conf = Path("/etc/slurm/slurm.conf")
         if conf.exists() and not conf.read_text().startswith(THROWAWAY_MARKER):
             raise ConfigError("Slurm is installed but its controller does not answer (sinfo failed); "
@@ -64,19 +64,15 @@ class Action:
     job_id: str | None = None  # active: the queued/running job
 
 
-def _last_job(stage: Stage) -> dict | None:
-    info = state.read_stage_file(stage.dir) or {}
-    return info["jobs"][-1] if info.get("jobs") else None
-
-
 def plan(stages: list[Stage], force: bool) -> dict[str, Action]:
     """What to do with every stage (see the module docstring)."""
-    lasts = {s.id: _last_job(s) for s in stages}
+    infos = {s.id: state.read_stage_file(s.dir) or {} for s in stages}
+    lasts = {sid: info["jobs"][-1] if info.get("jobs") else None for sid, info in infos.items()}
     slurm_ids = [j["job_id"] for j in lasts.values() if j and j.get("cluster") == "slurm"]
     sched = jobs.slurm_states(slurm_ids) if slurm_ids else {}
     actions = {}
     for s in stages:
-        info = state.read_stage_file(s.dir) or {}
+        info = infos[s.id]
         finished = state.finished_hash(s.dir)
         metrics = Path(s.dir) / state.METRICS_FILE
         last = lasts[s.id]
@@ -213,68 +209,90 @@ def submit_slurm(stages: list[Stage], actions: dict[str, Action], logs: Path, na
     return records
 
 
-def run_local(stages: list[Stage], actions: dict[str, Action], logs: Path, cluster: str, parallel: int,
-              poll: float = 1.0) -> None:
-    """Run the stages on this machine in dependency order, `parallel` at a time (debug: in-process)."""
-    from tqdm import tqdm
-    by_id = {s.id: s for s in stages}
-    todo = [s for s in stages if actions[s.id].what == "run"]
-    ok = {sid for sid, a in actions.items() if a.what == "done"}
-    failed: set[str] = set()
-    elsewhere = {sid: a.job_id for sid, a in actions.items() if a.what == "active"}  # another sweep's jobs
-    running: dict[str, tuple] = {}
-    bar = tqdm(total=len(todo), desc="stages", unit="stage", disable=None)
+class LocalRunner:
+    """Run stages on this machine in dependency order, `parallel` at a time (debug: in this process);
+    the benchmarks of a failed stage are skipped. Interrupting it cancels the running stages."""
 
-    def say(msg: str) -> None:
-        bar.write(f"[{time.strftime('%H:%M:%S')}] {msg}")
+    def __init__(self, stages: list[Stage], actions: dict[str, Action], logs: Path, cluster: str, parallel: int,
+                 poll: float = 1.0) -> None:
+        self.by_id = {s.id: s for s in stages}
+        self.todo = [s for s in stages if actions[s.id].what == "run"]
+        self.ok = {sid for sid, a in actions.items() if a.what == "done"}
+        self.failed: set[str] = set()
+        self.elsewhere = {sid: a.job_id for sid, a in actions.items() if a.what == "active"}  # another sweep's
+        self.running: dict[str, tuple] = {}
+        self.logs, self.cluster, self.parallel, self.poll = logs, cluster, parallel, poll
+        self.bar = None
 
-    def finish(s: Stage, job, record: dict) -> None:
-        if cluster == "debug":
+    def say(self, msg: str) -> None:
+        self.bar.write(f"[{time.strftime('%H:%M:%S')}] {msg}")
+
+    def run(self) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=len(self.todo), desc="stages", unit="stage", disable=None)
+        try:
+            while self.todo or self.running:
+                self._check_elsewhere()
+                self._start_ready()
+                for sid, (s, job, record) in list(self.running.items()):
+                    if job.done():
+                        del self.running[sid]
+                        self._finish(s, job, record)
+                if self.running or self.elsewhere:
+                    time.sleep(self.poll)
+        except KeyboardInterrupt:
+            for sid, (_, job, record) in self.running.items():
+                jobs.stop_local_job(job)
+                self.say(f"{sid}: cancelled (job {record['job_id']})")
+            raise
+        finally:
+            self.bar.close()
+
+    def _check_elsewhere(self) -> None:
+        for sid, job_id in list(self.elsewhere.items()):
+            s = self.by_id[sid]
+            if state.finished_hash(s.dir) == s.hash:
+                self.ok.add(sid)
+            elif not jobs.local_state(job_id, "").active:
+                self.failed.add(sid)
+            else:
+                continue
+            del self.elsewhere[sid]
+
+    def _start_ready(self) -> None:
+        for s in list(self.todo):
+            if any(d in self.failed for d in s.deps):
+                self.todo.remove(s)
+                self.failed.add(s.id)
+                self.say(f"{s.id}: skipped (upstream failed)")
+            elif all(d in self.ok for d in s.deps) and len(self.running) < self.parallel:
+                self.todo.remove(s)
+                ex = make_executor(self.logs / "%j", self.cluster, s.resources, s.id)
+                write_stage_file(s)
+                job = ex.submit(_stage_job(s))
+                record = _job_record(job, self.cluster, self.logs / "%j")
+                write_stage_file(s, record)
+                self.say(f"{s.id}: started (job {job.job_id})")
+                if self.cluster == "debug":  # the debug executor runs the job when asked for its outcome
+                    self._finish(s, job, record)
+                else:
+                    self.running[s.id] = (s, job, record)
+
+    def _finish(self, s: Stage, job, record: dict) -> None:
+        if self.cluster == "debug":
             err = job.exception()
             record["outcome"] = "success" if err is None else "error"
             if err is not None:
                 record["error"] = str(err)[-3000:]
             replace_last_job(s, record)
         done = state.finished_hash(s.dir) == s.hash
-        (ok if done else failed).add(s.id)
-        bar.update(1)
-        say(f"{s.id}: {'done' if done else 'FAILED'} (job {record['job_id']})")
+        (self.ok if done else self.failed).add(s.id)
+        self.bar.update(1)
+        self.say(f"{s.id}: {'done' if done else 'FAILED'} (job {record['job_id']})")
 
-    while todo or running:
-        for sid, job_id in list(elsewhere.items()):
-            s = by_id[sid]
-            if state.finished_hash(s.dir) == s.hash:
-                ok.add(sid)
-            elif not jobs.local_state(job_id, "").active:
-                failed.add(sid)
-            else:
-                continue
-            del elsewhere[sid]
-        for s in list(todo):
-            if any(d in failed for d in s.deps):
-                todo.remove(s)
-                failed.add(s.id)
-                bar.update(1)
-                say(f"{s.id}: skipped (upstream failed)")
-            elif all(d in ok for d in s.deps) and len(running) < parallel:
-                todo.remove(s)
-                ex = make_executor(logs / "%j", cluster, s.resources, s.id)
-                write_stage_file(s)
-                job = ex.submit(_stage_job(s))
-                record = _job_record(job, cluster, logs / "%j")
-                write_stage_file(s, record)
-                say(f"{s.id}: started (job {job.job_id})")
-                if cluster == "debug":
-                    finish(s, job, record)
-                else:
-                    running[s.id] = (s, job, record)
-        for sid, (s, job, record) in list(running.items()):
-            if job.done():
-                del running[sid]
-                finish(s, job, record)
-        if running or elsewhere:
-            time.sleep(poll)
-    bar.close()
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def replace_last_job(stage: Stage, record: dict) -> None:
@@ -408,7 +426,14 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     else:
         local_parallel = spec.local_parallel if cluster == "local" else 1
-        run_local(stages, actions, logs, cluster, local_parallel, poll=min(args.poll, 1.0))
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            LocalRunner(stages, actions, logs, cluster, local_parallel, poll=min(args.poll, 1.0)).run()
+        except KeyboardInterrupt:
+            print("\ninterrupted; running stages were cancelled. Re-run the sweep to continue.", file=sys.stderr)
+            return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         rows = status.collect(root)
     print(status.render(rows))
     if results:

@@ -15,22 +15,13 @@ from pathlib import Path
 
 import submitit
 
+from slurm.jobs import slurm_responds
+
 CLUSTER_DIR = Path(__file__).resolve().parent / "cluster"
 
 
 def cluster_state_dir() -> Path:
     return Path(os.environ.get("MOCOBENCH_SLURM_DIR", "/tmp/mocobench-slurm"))
-
-
-def slurm_responds(timeout: float = 10) -> bool:
-    """True when `sinfo` reaches a controller and at least one node can run jobs."""
-    if shutil.which("sinfo") is None:
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and any(s.startswith(("idle", "mixed", "alloc")) for s in out.stdout.split())
 
 
 def ensure_cluster(timeout: float = 240) -> str | None:

@@ -153,3 +153,16 @@ def test_shipped_imagenet_spec_expands(tmp_path):
     assert len(voc) == 3 * 5  # v1, v2, released x 5 trials
     semisup = sorted(s.payload["config"]["subset"] for s in stages if s.benchmark == "semisup")
     assert semisup == ["10pct", "10pct", "10pct", "1pct", "1pct", "1pct"]
+
+
+def test_sacct_array_ranges_expand_and_never_override_started_tasks(monkeypatch):
+    from slurm import jobs
+    assert jobs._expand("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert jobs._expand("12_3") == ["12_3"] and jobs._expand("7") == ["7"]
+    # sacct lists started array tasks on their own lines and the not-yet-started rest as one range line
+    sacct = "12_0|COMPLETED|0:0\n12_[0-2%2]|CANCELLED by 0|0:0\n13|FAILED|1:0\n"
+    monkeypatch.setattr(jobs, "_run", lambda cmd, timeout=30: sacct if cmd[0] == "sacct" else None)
+    got = jobs.slurm_states(["12_0", "12_1", "13", "14"])
+    assert (got["12_0"].state, got["12_1"].state, got["12_1"].raw) == ("completed", "cancelled", "CANCELLED by 0")
+    assert (got["13"].state, got["13"].reason) == ("failed", "exit 1:0")
+    assert got["14"].state == "unknown"  # neither sacct, squeue nor scontrol know it
