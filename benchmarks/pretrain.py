@@ -22,12 +22,11 @@ import argparse
 import dataclasses
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.timing import emit, interleaved, median, paired_ratio, peak_rss_mib, rate
 from pretrain.config import apply_overrides, load_yaml
-from pretrain.train import CONFIG_DIR, PretrainConfig, build_model
+from pretrain.train import CONFIG_DIR, PretrainConfig, amp_dtype, build_model, train_step
 
 TARGET_RATIO = 2.5
 TARGET_PEAK_FRACTION = 0.75
@@ -43,11 +42,6 @@ def moco_v2_config(arch: str, batch_size: int, size: int) -> PretrainConfig:
     """The shipped `moco_v2` recipe at one rank's batch, as a single BN group."""
     cfg = apply_overrides(PretrainConfig(), load_yaml("moco_v2", CONFIG_DIR), source="moco_v2")
     return dataclasses.replace(cfg, arch=arch, batch_size=batch_size, image_size=size, bn_groups=1)
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """The autocast dtype `pretrain.train.run` uses."""
-    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
 
 
 class StepRunner:
@@ -66,25 +60,15 @@ class StepRunner:
         self.model.train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        self.dtype = amp_dtype(device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp and self.dtype == torch.float16)
-        self.criterion = nn.CrossEntropyLoss()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
+        self.step_cfg = dataclasses.replace(cfg, amp=amp, channels_last=channels_last)
         gen = torch.Generator().manual_seed(seed)
         shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
         self.images = [torch.randn(shape, generator=gen).to(device) for _ in range(2)]
         self.ids = torch.arange(cfg.batch_size, device=device)
 
     def step(self) -> float:
-        im_q, im_k = self.images
-        if self.channels_last:
-            im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp):
-            logits, labels = self.model(im_q, im_k, self.ids)
-        loss = self.criterion(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        loss, _ = train_step(self.model, self.optimizer, self.scaler, *self.images, self.ids, self.step_cfg)
         return loss.item()  # also synchronises the device
 
     def steps(self, n: int) -> int:

@@ -22,6 +22,13 @@ class ConfigError(ValueError):
     """A bad config value or key; the message names the key and what was expected."""
 
 
+def option(default: Any, help_: str) -> Any:
+    """A dataclass field with help text for `--help`; list/dict defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help_})
+    return dataclasses.field(default=default, metadata={"help": help_})
+
+
 def to_dict(cfg: Any) -> dict:
     """The resolved config as plain types (safe for YAML/JSON and `torch.load(weights_only=True)`)."""
     return dataclasses.asdict(cfg)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -30,6 +29,7 @@ from pretrain.backbones import build_backbone
 from pretrain.checkpoints import atomic_save, safe_load
 from pretrain.config import ConfigError, parse_config, save_config, to_dict
 from pretrain.data import DataError, RobustImageFolder, collate_with_skips
+from pretrain.fast_augment import TensorMocoAugmentation, decode_rgb
 from pretrain.moco import MoCo
 from results.records import now_iso, write_metrics
 
@@ -68,6 +68,7 @@ class PretrainConfig:
     bn_groups: int = _f(8, "BN groups per rank in single-process runs (emulated ShuffleBN); DDP uses 1 per rank")
     mask_false_negatives: bool = _f(False, "mask queued keys of the query's own image (small datasets)")
     workers: int = _f(4, "data loader workers per rank")
+    loader: str = _f("pil", "augmentation pipeline: pil (official torchvision/PIL) | tensor (pretrain/fast_augment.py)")
     seed: int = _f(0, "random seed (fixed by default so runs resume exactly)")
     amp: bool = _f(True, "mixed precision: bf16 autocast on CPU, fp16/bf16 AMP on GPU")
     channels_last: bool = _f(True, "channels_last memory format")
@@ -92,6 +93,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def validate(cfg: PretrainConfig, world: int) -> None:
+    if cfg.loader not in ("pil", "tensor"):
+        raise ConfigError(f"loader={cfg.loader!r}: expected 'pil' or 'tensor'")
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {world}")
     if cfg.moco_k % cfg.batch_size:
@@ -186,6 +189,33 @@ def load_for_resume(path: Path, model: MoCo, optimizer) -> tuple[int, int, float
     return int(ckpt["epoch"]), int(ckpt.get("global_step", 0)), float(ckpt.get("train_seconds", 0.0))
 
 
+# --- one step -------------------------------------------------------------------------------------------
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CPU and on GPUs that support it, else fp16 (with a GradScaler)."""
+    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+def train_step(model: nn.Module, optimizer, scaler, im_q: torch.Tensor, im_k: torch.Tensor, ids: torch.Tensor,
+               cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MoCo SGD step (main_moco.py's inner loop); returns (loss, instance accuracy in %).
+
+    A non-finite loss is returned without updating the weights, so the caller can stop cleanly.
+    """
+    if cfg.channels_last:
+        im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
+    with torch.autocast(im_q.device.type, dtype=amp_dtype(im_q.device), enabled=cfg.amp):
+        logits, labels = model(im_q, im_k, ids)
+    loss = nn.functional.cross_entropy(logits.float(), labels)
+    if not torch.isfinite(loss):
+        return loss.detach(), torch.tensor(0.0)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    acc1 = (logits.detach().argmax(dim=1) == 0).float().mean() * 100
+    return loss.detach(), acc1
+
+
 # --- the run --------------------------------------------------------------------------------------------
 class RunLog:
     """Plain lines to stdout (rank 0) and out/log.txt; one JSON object per logging step in metrics.jsonl."""
@@ -250,9 +280,12 @@ def run(cfg: PretrainConfig) -> dict:
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world > 1 else model)
 
-    transform = TwoCropsTransform(moco_augmentation(cfg.image_size, cfg.aug_plus, cfg.crop_min, cfg.jitter,
-                                                    blur_sigma=cfg.blur_sigma))
+    augmentation = TensorMocoAugmentation if cfg.loader == "tensor" else moco_augmentation
+    transform = TwoCropsTransform(augmentation(cfg.image_size, cfg.aug_plus, cfg.crop_min, cfg.jitter,
+                                               blur_sigma=cfg.blur_sigma))
     dataset = RobustImageFolder(resolve_data(cfg), transform, strict=cfg.strict_data)
+    if cfg.loader == "tensor":
+        dataset.loader = decode_rgb
     per_rank = cfg.batch_size // world
     if len(dataset) < cfg.batch_size:
         raise DataError(f"{dataset.root}: {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
@@ -261,9 +294,7 @@ def run(cfg: PretrainConfig) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          collate_fn=collate_with_skips, persistent_workers=False)
-    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(enabled=cfg.amp and amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
     steps = len(loader) if cfg.steps_per_epoch <= 0 else min(len(loader), cfg.steps_per_epoch)
 
     log = RunLog(out, main_rank)
@@ -286,23 +317,16 @@ def run(cfg: PretrainConfig) -> dict:
         for i, (images, _, ids, skipped) in enumerate(itertools.islice(loader, steps)):
             bad_files.update(dict.fromkeys(skipped))
             im_q, im_k = (x.to(device, non_blocking=True) for x in images)
-            if cfg.channels_last:
-                im_q, im_k = im_q.contiguous(memory_format=torch.channels_last), im_k.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                logits, labels = ddp(im_q, im_k, ids.to(device))
-            loss = criterion(logits.float(), labels)
+            loss, acc1 = train_step(ddp, optimizer, scaler, im_q, im_k, ids.to(device), cfg)
             if not torch.isfinite(loss):
                 last = latest_checkpoint(out)
-                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {i}; the last good "
-                                         f"checkpoint is {last or 'none (no epoch finished yet)'}; lower --lr or try --no-amp")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {i} (weights not "
+                                         f"updated); the last good checkpoint is {last or 'none (no epoch finished yet)'}"
+                                         "; lower --lr or try --no-amp")
             step += 1
-            acc1 = (logits.argmax(dim=1) == 0).float().mean() * 100
-            sums += torch.tensor([loss.item() * len(labels), acc1.item() * len(labels), len(labels)])
-            n_log += len(labels) * world
+            n = len(ids)
+            sums += torch.tensor([loss.item() * n, acc1.item() * n, n])
+            n_log += n * world
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc1=f"{acc1.item():.1f}")
             if (i + 1) % cfg.print_freq == 0 or i + 1 == steps:

@@ -166,3 +166,10 @@ def test_small_arch_shapes_and_infer():
     assert m.fc.in_features == 16 * 8 * 4 and m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     assert infer_arch(m.state_dict()) == ("resnet50_small", 16)
     assert infer_arch(torchvision.models.resnet18().state_dict()) == ("resnet18", 64)
+
+
+def test_tensor_loader_trains_and_bad_loader_is_an_error(tiny_folder, tmp_path):
+    metrics = run(tiny_cfg(tiny_folder, tmp_path, epochs=1, loader="tensor"))
+    assert np.isfinite(metrics["loss"]) and (tmp_path / "checkpoint_0000.pth.tar").exists()
+    with pytest.raises(ConfigError, match="loader='jpeg'"):
+        run(tiny_cfg(tiny_folder, tmp_path / "x", loader="jpeg"))
