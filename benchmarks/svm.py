@@ -30,11 +30,14 @@ QUICK_SHAPE = {"n_train": 1000, "n_test": 1000, "dim": 1024, "classes": 20}
 
 
 def synthetic_voc(n_train: int, n_test: int, dim: int, classes: int = 20, seed: int = 0,
-                  difficult: float = 0.08, signal: float = 0.45) -> dict[str, np.ndarray]:
+                  difficult: float = 0.08, signal: float | None = None) -> dict[str, np.ndarray]:
     """VOC07-like multi-label features: non-negative (post-ReLU) float32 vectors that share a strong common
     direction and a low-rank nuisance, plus one prototype per present class; VOC07 class frequencies;
-    a fraction `difficult` of the positives marked -1. Labels are N x C in {1, 0, -1}."""
+    a fraction `difficult` of the positives marked -1. Labels are N x C in {1, 0, -1}. The default class
+    signal, 0.45 sqrt(1024 / dim), keeps the class separation (and so the mAP, ~85 with 1000 train images)
+    independent of the dimension."""
     rng = np.random.default_rng(seed)
+    signal = 0.45 * np.sqrt(1024 / dim) if signal is None else signal
     freq = np.array([VOC07_TRAINVAL_COUNTS[c % 20] / 5011 for c in range(classes)])
     protos = rng.gamma(0.5, 1.0, size=(classes, dim)) * (rng.random((classes, dim)) < 0.3)
     rank = 64

@@ -46,7 +46,7 @@ class SVMSolverOptions:
     """Options shared by the SVM protocols (full VOC07 and low-shot)."""
     costs: list[float] = _f(None, f"SVM costs C (default VISSL's {list(VISSL_COSTS)})")
     solver: str = _f("torch", "torch (batched Newton solver) or sklearn (LinearSVC, the reference)")
-    device: str = _f("cpu", "torch solver device: cpu, cuda, cuda:N or auto")
+    device: str = _f("auto", "torch solver device: auto (cuda if available), cpu, cuda or cuda:N")
     precision: str = _f("float64", "torch solver precision: float64, or mixed (float32 inner CG solves; faster on GPUs)")
     tol: float = _f(1e-6, "torch solver stopping rule: |gradient| <= tol * |gradient at w=0|")
     n_jobs: int = _f(1, "sklearn solver: LinearSVC fits run in parallel threads")

@@ -11,16 +11,19 @@ Both solvers implement one interface, `fit_scores`: given P problems, each a set
 same training matrix, its +-1 labels and cost, return every problem's decision values on named evaluation
 matrices. The protocols (evaluate/svm.py, evaluate/lowshot.py) only ever call that.
 
-`TorchSVM` solves all P problems at once, in the primal, by Newton's method with conjugate gradients
+`TorchSVM` solves all P problems at once, in the primal, by Newton's method with an exact line search
 (Keerthi & DeCoste 2005, "A modified finite Newton method for fast solution of large scale linear SVMs";
-Chapelle 2007, "Training a support vector machine in the primal"): every step is a few dense matrix
-products over the whole batch, so it runs at GEMM speed on CPU or GPU. It works in an orthogonal basis
-of the span of the training features (`Basis`): a Gram-matrix eigenbasis when there are fewer images than
-dimensions (VOC's 8192-d features), a PCA rotation otherwise, which makes the Newton system close to
-diagonal (cheap Jacobi preconditioning) and costs min(N, D+1) per row instead of D. Folds and low-shot
-samples are cost-zero rows, so all (class, cost, fold) problems share one basis. It converges to the
-optimum (|grad| <= tol * |grad at 0|), which liblinear's dual coordinate descent approaches but, at large
-C within max_iter=2000 epochs, need not reach; tests/test_eval_svm.py bounds the AP differences.
+Chapelle 2007, "Training a support vector machine in the primal"). It works in an orthogonal basis of the
+span of the training features (`Basis`): a Gram-matrix eigenbasis when there are fewer images than
+dimensions (VOC's 8192-d features), a PCA rotation otherwise, so a row costs min(N, D+1) numbers and
+Jacobi preconditioning is effective; folds and low-shot samples are cost-zero rows, so all
+(class, cost, fold) problems share one basis. Newton directions come from batched preconditioned CG (a
+few matrix products over the whole batch per step: cheap for small C, where nearly every row is active
+and the Hessian is well conditioned), or, once CG would cost more, from an exact solve of the dual of the
+active set (one Cholesky of |S| x |S|: cheap for large C, where few rows are active and CG crawls). Costs
+are solved in increasing order, each warm-started from the previous one. It stops at the optimum
+(|grad| <= tol * |grad at 0|), which liblinear's dual coordinate descent approaches to its own tolerance;
+tests/test_eval_svm.py bounds the differences.
 """
 from __future__ import annotations
 
