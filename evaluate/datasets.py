@@ -294,7 +294,7 @@ def make_subset_list(dataset: ImageFolder, fraction: float, seed: int = 0) -> li
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[str]] = {}
     for path, label in dataset.samples:
-        by_class.setdefault(label, []).append(Path(path).name)
+        by_class.setdefault(label, []).append(f"{Path(path).parent.name}/{Path(path).name}")  # names can repeat across classes
     chosen = []
     for label in sorted(by_class):
         names = sorted(by_class[label])

@@ -99,9 +99,9 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any], source: str = "override
 def load_yaml(path: str | Path, search_dir: Path | None = None) -> dict:
     """Read a YAML config; a bare name (`moco_v2`) is looked up as `search_dir/NAME.yaml`."""
     p = Path(path)
-    if not p.exists() and search_dir is not None and (search_dir / f"{p.name}.yaml").exists():
+    if not p.is_file() and search_dir is not None and (search_dir / f"{p.name}.yaml").is_file():
         p = search_dir / f"{p.name}.yaml"
-    if not p.exists():
+    if not p.is_file():
         shipped = sorted(x.stem for x in search_dir.glob("*.yaml")) if search_dir else []
         raise ConfigError(f"config file {str(path)!r} not found" + (f"; shipped configs: {shipped}" if shipped else ""))
     data = yaml.safe_load(p.read_text()) or {}

@@ -96,8 +96,9 @@ def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def find_metrics(root: str | Path) -> list[Path]:
-    """Every metrics.json below `root`, sorted by path."""
-    return sorted(Path(root).rglob("metrics.json"))
+    """Every metrics.json below `root`, sorted by path (detectron2's own log of the same name, inside a
+    transfer run's `detectron2/` folder, is not one of ours)."""
+    return sorted(p for p in Path(root).rglob("metrics.json") if p.parent.name != "detectron2")
 
 
 def benchmark_name(stage: str, benchmark: str, config: dict) -> str:

@@ -172,6 +172,17 @@ def test_made_subsets_are_class_balanced_and_seeded(folder):
     assert len(datasets.subset(train, "1pct").names) == 3  # at least one image per class
 
 
+def test_made_subsets_work_when_file_names_repeat_across_classes(tmp_path):
+    for cls in ("a", "b"):  # like the demo data: 0000.png in every class
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(tmp_path / "train" / cls / f"{i:04d}.png")
+    train = datasets.image_folder(tmp_path, "train")
+    names = datasets.make_subset_list(train, 0.5, seed=0)
+    assert len(names) == 4 and all(n.split("/")[0] in ("a", "b") for n in names)
+    assert sorted(datasets.subset(train, "0.5", seed=0).targets) == [0, 0, 1, 1]
+
+
 # --- layers and pooling -------------------------------------------------------------------------------------
 def test_layer_dimensions_of_resnet50_at_224():
     """MMSelfSup's published dims 9216/9216/8192/9216/8192, avgpool 2048, VISSL's VOC res5 pool 8192."""
