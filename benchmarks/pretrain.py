@@ -26,16 +26,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.timing import emit, interleaved, median, paired_ratio, peak_rss_mib, rate
 from pretrain.config import apply_overrides, load_yaml
-from pretrain.train import CONFIG_DIR, PretrainConfig, amp_dtype, build_model, train_step
+from pretrain.train import CONFIG_DIR, PretrainConfig, amp_dtype, build_model, resolve_fast_path, train_step
 
 TARGET_RATIO = 2.5
 TARGET_PEAK_FRACTION = 0.75
-_DEFAULTS = PretrainConfig()
-# name -> (amp, channels_last, torch.compile of the encoders); "fast" is the project's training defaults.
+# What `mocobench pretrain` uses by default on this machine (the fast path only where bf16 is fast here).
+_DEFAULTS = resolve_fast_path(PretrainConfig(), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+# name -> (amp, channels_last, torch.compile of the encoders); "fast" is the project's fast path (bf16 +
+# channels_last), "default" what training resolves to here (see pretrain.train.cpu_bf16_is_fast).
 # The *-compile variants are candidates (pretrain.train has no compile option): compiling takes minutes.
-VARIANTS = {"official": (False, False, False), "fast": (_DEFAULTS.amp, _DEFAULTS.channels_last, False),
+VARIANTS = {"official": (False, False, False), "fast": (True, True, False),
             "fp32-cl": (False, True, False), "bf16-nchw": (True, False, False),
-            "fp32-cl-compile": (False, True, True), "fast-compile": (_DEFAULTS.amp, _DEFAULTS.channels_last, True)}
+            "fp32-cl-compile": (False, True, True), "fast-compile": (True, True, True),
+            "default": (_DEFAULTS.amp, _DEFAULTS.channels_last, False)}
 
 
 def moco_v2_config(arch: str, batch_size: int, size: int) -> PretrainConfig:
