@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pretrain.augment import eval_transform
-from pretrain.config import ConfigError, to_dict
+from pretrain.config import ConfigError, option, to_dict
 from pretrain.data import DataError
 from results.records import now_iso, write_metrics
 
@@ -355,10 +355,6 @@ def cached_features(checkpoint: str | Path, dataset_name: str, train_ds, test_ds
 
 
 # --- the config every feature-based evaluator shares ----------------------------------------------------
-def _f(default, help_):
-    return field(default=default, metadata={"help": help_})
-
-
 SPLITS = {"imagefolder": ("train", "val"), "voc": ("trainval", "test")}
 
 
@@ -366,21 +362,21 @@ SPLITS = {"imagefolder": ("train", "val"), "voc": ("trainval", "test")}
 class FeatureSourceConfig:
     """Where features come from: a `.npz` (`features`), or a checkpoint + dataset, extracted once and cached.
     Evaluators that work on features subclass this (and may override `layer`/`dataset`/`out` defaults)."""
-    checkpoint: str = _f("", "checkpoint path (any format `mocobench inspect` reads) or random:ARCH[:WIDTH]")
-    data: str = _f("demo", "'demo' (embedded dataset) or the dataset root (ImageFolder root / VOC2007 devkit)")
-    dataset: str = _f("imagefolder", "dataset layout: imagefolder (train/ + val/) or voc (VOC2007 devkit)")
-    features: str = _f("", "a features .npz (train_feats, train_labels, test_feats, test_labels); skips extraction")
-    layer: str = _f("avgpool", f"feature layer: {', '.join(FEATURE_LAYERS)}")
-    train_split: str = _f("", "train split (default: train for imagefolder, trainval for voc)")
-    test_split: str = _f("", "test split (default: val for imagefolder, test for voc)")
-    resize: int = _f(256, "Resize (shorter side) before the center crop")
-    crop: int = _f(224, "CenterCrop size")
-    batch_size: int = _f(256, "extraction batch size")
-    workers: int = _f(4, "data loader workers")
-    amp: bool = _f(False, "bf16 autocast extraction (fast path, not the reference fp32 protocol)")
-    seed: int = _f(0, "random seed (initialises random:ARCH baselines)")
-    cache_dir: str = _f("", f"feature cache directory (default $MOCOBENCH_CACHE/features or {DEFAULT_CACHE})")
-    refresh: bool = _f(False, "re-extract even when cached")
+    checkpoint: str = option("", "checkpoint path (any format `mocobench inspect` reads) or random:ARCH[:WIDTH]")
+    data: str = option("demo", "'demo' (embedded dataset) or the dataset root (ImageFolder root / VOC2007 devkit)")
+    dataset: str = option("imagefolder", "dataset layout: imagefolder (train/ + val/) or voc (VOC2007 devkit)")
+    features: str = option("", "a features .npz (train_feats, train_labels, test_feats, test_labels); skips extraction")
+    layer: str = option("avgpool", f"feature layer: {', '.join(FEATURE_LAYERS)}")
+    train_split: str = option("", "train split (default: train for imagefolder, trainval for voc)")
+    test_split: str = option("", "test split (default: val for imagefolder, test for voc)")
+    resize: int = option(256, "Resize (shorter side) before the center crop")
+    crop: int = option(224, "CenterCrop size")
+    batch_size: int = option(256, "extraction batch size")
+    workers: int = option(4, "data loader workers")
+    amp: bool = option(False, "bf16 autocast extraction (fast path, not the reference fp32 protocol)")
+    seed: int = option(0, "random seed (initialises random:ARCH baselines)")
+    cache_dir: str = option("", f"feature cache directory (default $MOCOBENCH_CACHE/features or {DEFAULT_CACHE})")
+    refresh: bool = option(False, "re-extract even when cached")
 
 
 def dataset_name(data: str, kind: str, train_split: str, test_split: str) -> str:
@@ -424,7 +420,7 @@ def resolve_features(cfg: FeatureSourceConfig) -> Path:
 @dataclass
 class ExtractConfig(FeatureSourceConfig):
     """Extract (or reuse cached) features and export them as OUT/features.npz."""
-    out: str = _f("runs/extract", "run directory: features.npz (a link to the cache entry) and metrics.json")
+    out: str = option("runs/extract", "run directory: features.npz (a link to the cache entry) and metrics.json")
 
 
 def link_or_copy(src: Path, dst: Path) -> Path:

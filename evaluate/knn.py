@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from evaluate.features import FeatureFileError, FeatureSourceConfig, load_features, resolve_features
-from pretrain.config import ConfigError, to_dict
+from pretrain.config import ConfigError, option, to_dict
 from results.records import now_iso, write_metrics
 
 
@@ -76,17 +76,14 @@ def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
     return metrics
 
 
-def _f(default, help_):
-    return field(default=default, metadata={"help": help_})
-
 
 @dataclass
 class KNNConfig(FeatureSourceConfig):
     """Weighted kNN on cached features (layer avgpool by default)."""
-    out: str = _f("runs/knn", "run directory for metrics.json")
+    out: str = option("runs/knn", "run directory for metrics.json")
     ks: list[int] = field(default_factory=lambda: [20, 200], metadata={"help": "numbers of neighbours"})
-    temperature: float = _f(0.07, "vote weight exp(similarity / T)")
-    chunk: int = _f(8192, "train rows per similarity block")
+    temperature: float = option(0.07, "vote weight exp(similarity / T)")
+    chunk: int = option(8192, "train rows per similarity block")
 
 
 def run(cfg: KNNConfig) -> dict:

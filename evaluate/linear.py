@@ -39,7 +39,7 @@ from evaluate.features import (FeatureFileError, FeatureSourceConfig, LayerFeatu
 from pretrain import distributed as dist
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from pretrain.checkpoints import atomic_save, safe_load
-from pretrain.config import ConfigError, to_dict
+from pretrain.config import ConfigError, option, to_dict
 from results.records import now_iso, write_metrics
 
 MODES = ("lincls", "multihead", "fast")
@@ -54,33 +54,30 @@ BENCHMARK = {"lincls": "linear", "multihead": "linear_multihead", "fast": "linea
 MULTIHEAD_LAYERS = ["feature1", "feature2", "feature3", "feature4", "feature5"]
 
 
-def _f(default, help_):
-    return field(default=default, metadata={"help": help_})
-
 
 @dataclass
 class LinearConfig(FeatureSourceConfig):
     """Linear evaluation; optimiser fields left unset take the mode's published values."""
-    out: str = _f("runs/linear", "run directory: metrics.json, log, resumable head checkpoint")
-    mode: str = _f("lincls", "lincls (main_lincls.py) | multihead (MMSelfSup feature1..5) | fast (cached features, proxy)")
+    out: str = option("runs/linear", "run directory: metrics.json, log, resumable head checkpoint")
+    mode: str = option("lincls", "lincls (main_lincls.py) | multihead (MMSelfSup feature1..5) | fast (cached features, proxy)")
     layers: list[str] = field(default_factory=lambda: list(MULTIHEAD_LAYERS),
                               metadata={"help": "multihead: layers with a head (feature1..feature5, avgpool)"})
-    batch_size: int = _f(256, "global batch size over all ranks")
-    epochs: Optional[int] = _f(None, "epochs (lincls/fast 100, multihead 90)")
-    lr: Optional[float] = _f(None, "learning rate (lincls/fast 30, multihead 0.01)")
-    schedule: Optional[list[int]] = _f(None, "epochs where lr drops x0.1 (lincls/fast [60, 80], multihead [30, 60, 90])")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: Optional[float] = _f(None, "weight decay (lincls/fast 0, multihead 1e-4)")
-    nesterov: Optional[bool] = _f(None, "Nesterov momentum: true/false (multihead true)")
-    jitter: Optional[float] = _f(None, "train ColorJitter strength, 0 = off (multihead 0.4)")
-    lighting: Optional[float] = _f(None, "train PCA lighting alphastd, 0 = off (multihead 0.1)")
-    image_size: int = _f(224, "train RandomResizedCrop size")
-    workers: int = _f(8, "data loader workers per rank")
-    eval_freq: int = _f(1, "validate every N epochs (and after the last)")
-    steps_per_epoch: int = _f(0, "cap on train steps per epoch (0 = full epoch); for smoke tests")
-    print_freq: int = _f(50, "log every N steps")
-    resume: str = _f("auto", "'auto' = resume from OUT/linear_checkpoint.pth.tar if present, '' = fresh")
-    dist_backend: str = _f("auto", "nccl on GPU, gloo on CPU")
+    batch_size: int = option(256, "global batch size over all ranks")
+    epochs: Optional[int] = option(None, "epochs (lincls/fast 100, multihead 90)")
+    lr: Optional[float] = option(None, "learning rate (lincls/fast 30, multihead 0.01)")
+    schedule: Optional[list[int]] = option(None, "epochs where lr drops x0.1 (lincls/fast [60, 80], multihead [30, 60, 90])")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: Optional[float] = option(None, "weight decay (lincls/fast 0, multihead 1e-4)")
+    nesterov: Optional[bool] = option(None, "Nesterov momentum: true/false (multihead true)")
+    jitter: Optional[float] = option(None, "train ColorJitter strength, 0 = off (multihead 0.4)")
+    lighting: Optional[float] = option(None, "train PCA lighting alphastd, 0 = off (multihead 0.1)")
+    image_size: int = option(224, "train RandomResizedCrop size")
+    workers: int = option(8, "data loader workers per rank")
+    eval_freq: int = option(1, "validate every N epochs (and after the last)")
+    steps_per_epoch: int = option(0, "cap on train steps per epoch (0 = full epoch); for smoke tests")
+    print_freq: int = option(50, "log every N steps")
+    resume: str = option("auto", "'auto' = resume from OUT/linear_checkpoint.pth.tar if present, '' = fresh")
+    dist_backend: str = option("auto", "nccl on GPU, gloo on CPU")
 
 
 def resolve_protocol(cfg: LinearConfig) -> LinearConfig:

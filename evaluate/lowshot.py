@@ -33,27 +33,24 @@ from tqdm import tqdm
 from evaluate.ap import voc_ap
 from evaluate.features import FeatureSourceConfig, load_features, peak_rss_mb, resolve_features, write_npz
 from evaluate.svm import SVMSolverOptions, as_multilabel, class_names_of, solver_details
-from pretrain.config import ConfigError, to_dict
+from pretrain.config import ConfigError, option, to_dict
 from pretrain.data import DataError
 from results.records import now_iso, write_metrics
 
 K_VALUES = (1, 2, 4, 8, 16, 32, 64, 96)
 
 
-def _f(default, help_):
-    return field(default=default, metadata={"help": help_})
-
 
 @dataclass
 class LowShotConfig(SVMSolverOptions, FeatureSourceConfig):
     """Low-shot SVMs: k positives and (C-1)k negatives per class, 5 samples per k."""
-    dataset: str = _f("voc", "dataset layout: voc (VOC2007 devkit) or imagefolder")
-    layer: str = _f("voc_svm", "feature layer (VOC07 protocol: voc_svm = res5 AvgPool(6, stride 1))")
-    out: str = _f("runs/lowshot", "run directory for metrics.json and lowshot_samples.npz")
-    k_values: list[int] = _f(None, f"positives per class (default {list(K_VALUES)})")
-    samples: int = _f(5, "independent samples per k")
-    sample_seed: int = _f(0, "seed of the low-shot draws (same seed -> same samples)")
-    selection: str = _f("test", "cost choice: test (published: best mean test mAP) or val (held-out trainval)")
+    dataset: str = option("voc", "dataset layout: voc (VOC2007 devkit) or imagefolder")
+    layer: str = option("voc_svm", "feature layer (VOC07 protocol: voc_svm = res5 AvgPool(6, stride 1))")
+    out: str = option("runs/lowshot", "run directory for metrics.json and lowshot_samples.npz")
+    k_values: list[int] = option(None, f"positives per class (default {list(K_VALUES)})")
+    samples: int = option(5, "independent samples per k")
+    sample_seed: int = option(0, "seed of the low-shot draws (same seed -> same samples)")
+    selection: str = option("test", "cost choice: test (published: best mean test mAP) or val (held-out trainval)")
 
     def __post_init__(self):
         super().__post_init__()

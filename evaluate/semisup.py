@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -46,45 +46,42 @@ from evaluate.linear import topk_correct
 from pretrain import distributed as dist
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from pretrain.checkpoints import atomic_save, build_model, safe_load
-from pretrain.config import ConfigError, to_dict
+from pretrain.config import ConfigError, option, to_dict
 from results.records import now_iso, write_metrics
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "semisup"
 WEIGHT_DECAY = {"1pct": 5e-4, "10pct": 1e-4}  # MMSelfSup imagenet_1percent / imagenet_10percent configs
 
 
-def _f(default, help_):
-    return field(default=default, metadata={"help": help_})
-
 
 @dataclass
 class SemisupConfig:
     """Semi-supervised fine-tuning; defaults are MMSelfSup's published recipe."""
-    checkpoint: str = _f("", "checkpoint path (any format `mocobench inspect` reads) or random:ARCH[:WIDTH]")
-    data: str = _f("demo", "'demo' (embedded dataset) or an ImageFolder root holding train/ and val/")
-    out: str = _f("runs/semisup", "run directory: metrics.json, per-cell results and checkpoints")
-    subset: str = _f("1pct", "1pct | 10pct: which SimCLR subset (sets the weight decay and, without a list, the size)")
-    subset_list: str = _f("", "SimCLR list file (1percent.txt / 10percent.txt); empty = make the subset from the data")
-    train_split: str = _f("train", "split the subset is taken from")
-    val_split: str = _f("val", "evaluation split")
-    epochs: int = _f(20, "epochs per grid cell")
-    batch_size: int = _f(256, "global batch size over all ranks")
-    lrs: list[float] = _f(None, "backbone learning rates of the grid (default [0.1, 0.01, 0.001])")
-    head_mults: list[float] = _f(None, "fc lr multipliers of the grid (default [1, 10, 100])")
-    schedule: list[int] = _f(None, "epochs where lr drops (default [12, 16])")
-    gamma: float = _f(0.2, "lr factor at each schedule step")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: Optional[float] = _f(None, "weight decay (default 5e-4 for 1pct, 1e-4 for 10pct)")
-    image_size: int = _f(224, "train RandomResizedCrop size")
-    resize: int = _f(256, "val Resize (shorter side)")
-    crop: int = _f(224, "val CenterCrop size")
-    workers: int = _f(8, "data loader workers per rank")
-    amp: bool = _f(False, "bf16/fp16 autocast + channels_last (fast path; the reference is fp32)")
-    seed: int = _f(0, "seed of the subset (when made from the data), fc init and data order")
-    steps_per_epoch: int = _f(0, "cap on train steps per epoch (0 = full epoch); for smoke tests")
-    print_freq: int = _f(20, "log every N steps")
-    resume: bool = _f(True, "reuse finished cells and the running cell's checkpoint in OUT")
-    dist_backend: str = _f("auto", "nccl on GPU, gloo on CPU")
+    checkpoint: str = option("", "checkpoint path (any format `mocobench inspect` reads) or random:ARCH[:WIDTH]")
+    data: str = option("demo", "'demo' (embedded dataset) or an ImageFolder root holding train/ and val/")
+    out: str = option("runs/semisup", "run directory: metrics.json, per-cell results and checkpoints")
+    subset: str = option("1pct", "1pct | 10pct: which SimCLR subset (sets the weight decay and, without a list, the size)")
+    subset_list: str = option("", "SimCLR list file (1percent.txt / 10percent.txt); empty = make the subset from the data")
+    train_split: str = option("train", "split the subset is taken from")
+    val_split: str = option("val", "evaluation split")
+    epochs: int = option(20, "epochs per grid cell")
+    batch_size: int = option(256, "global batch size over all ranks")
+    lrs: list[float] = option(None, "backbone learning rates of the grid (default [0.1, 0.01, 0.001])")
+    head_mults: list[float] = option(None, "fc lr multipliers of the grid (default [1, 10, 100])")
+    schedule: list[int] = option(None, "epochs where lr drops (default [12, 16])")
+    gamma: float = option(0.2, "lr factor at each schedule step")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: Optional[float] = option(None, "weight decay (default 5e-4 for 1pct, 1e-4 for 10pct)")
+    image_size: int = option(224, "train RandomResizedCrop size")
+    resize: int = option(256, "val Resize (shorter side)")
+    crop: int = option(224, "val CenterCrop size")
+    workers: int = option(8, "data loader workers per rank")
+    amp: bool = option(False, "bf16/fp16 autocast + channels_last (fast path; the reference is fp32)")
+    seed: int = option(0, "seed of the subset (when made from the data), fc init and data order")
+    steps_per_epoch: int = option(0, "cap on train steps per epoch (0 = full epoch); for smoke tests")
+    print_freq: int = option(20, "log every N steps")
+    resume: bool = option(True, "reuse finished cells and the running cell's checkpoint in OUT")
+    dist_backend: str = option("auto", "nccl on GPU, gloo on CPU")
 
     def __post_init__(self):
         self.lrs = [0.1, 0.01, 0.001] if self.lrs is None else self.lrs

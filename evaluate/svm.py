@@ -31,28 +31,25 @@ from tqdm import tqdm
 from evaluate.ap import step_ap, voc_ap
 from evaluate.features import FeatureFileError, FeatureSourceConfig, load_features, peak_rss_mb, resolve_features
 from evaluate.svm_solver import PRECISIONS, SKLEARN_MAX_ITER, l2_normalize, make_solver
-from pretrain.config import ConfigError, to_dict
+from pretrain.config import ConfigError, option, to_dict
 from results.records import now_iso, write_metrics
 
 VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
 
 
-def _f(default, help_):
-    return field(default=default, metadata={"help": help_})
-
 
 @dataclass
 class SVMSolverOptions:
     """Options shared by the SVM protocols (full VOC07 and low-shot)."""
-    costs: list[float] = _f(None, f"SVM costs C (default VISSL's {list(VISSL_COSTS)})")
-    solver: str = _f("torch", "torch (batched Newton solver) or sklearn (LinearSVC, the reference)")
-    device: str = _f("auto", "torch solver device: auto (cuda if available), cpu, cuda or cuda:N")
-    precision: str = _f("float64", "torch solver precision: float64, or mixed (float32 inner CG solves; faster on GPUs)")
-    tol: float = _f(1e-6, "torch solver stopping rule: |gradient| <= tol * |gradient at w=0|")
-    n_jobs: int = _f(1, "sklearn solver: LinearSVC fits run in parallel threads")
-    max_iter: int = _f(SKLEARN_MAX_ITER, "sklearn solver: liblinear max_iter (VISSL: 2000)")
-    threads: int = _f(0, "torch CPU threads (0 = torch's default)")
-    normalize: bool = _f(True, "L2-normalise features first (VISSL/MMSelfSup: yes)")
+    costs: list[float] = option(None, f"SVM costs C (default VISSL's {list(VISSL_COSTS)})")
+    solver: str = option("torch", "torch (batched Newton solver) or sklearn (LinearSVC, the reference)")
+    device: str = option("auto", "torch solver device: auto (cuda if available), cpu, cuda or cuda:N")
+    precision: str = option("float64", "torch solver precision: float64, or mixed (float32 inner CG solves; faster on GPUs)")
+    tol: float = option(1e-6, "torch solver stopping rule: |gradient| <= tol * |gradient at w=0|")
+    n_jobs: int = option(1, "sklearn solver: LinearSVC fits run in parallel threads")
+    max_iter: int = option(SKLEARN_MAX_ITER, "sklearn solver: liblinear max_iter (VISSL: 2000)")
+    threads: int = option(0, "torch CPU threads (0 = torch's default)")
+    normalize: bool = option(True, "L2-normalise features first (VISSL/MMSelfSup: yes)")
 
     def __post_init__(self):
         if self.costs is None:
@@ -80,10 +77,10 @@ class SVMSolverOptions:
 @dataclass
 class SVMConfig(SVMSolverOptions, FeatureSourceConfig):
     """VOC07 SVM: per-class linear SVMs on frozen features, cost chosen by 3-fold CV on trainval."""
-    dataset: str = _f("voc", "dataset layout: voc (VOC2007 devkit) or imagefolder")
-    layer: str = _f("voc_svm", "feature layer (VOC07 protocol: voc_svm = res5 AvgPool(6, stride 1))")
-    out: str = _f("runs/svm", "run directory for metrics.json")
-    folds: int = _f(3, "cross-validation folds for the cost choice (stratified, no shuffle)")
+    dataset: str = option("voc", "dataset layout: voc (VOC2007 devkit) or imagefolder")
+    layer: str = option("voc_svm", "feature layer (VOC07 protocol: voc_svm = res5 AvgPool(6, stride 1))")
+    out: str = option("runs/svm", "run directory for metrics.json")
+    folds: int = option(3, "cross-validation folds for the cost choice (stratified, no shuffle)")
 
 
 # ----------------------------------------------------------------------------------------------------

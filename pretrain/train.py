@@ -16,7 +16,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +29,7 @@ from pretrain import distributed as dist
 from pretrain.augment import TwoCropsTransform, moco_augmentation
 from pretrain.backbones import build_backbone
 from pretrain.checkpoints import atomic_save, safe_load
-from pretrain.config import ConfigError, parse_config, save_config, to_dict
+from pretrain.config import ConfigError, option, parse_config, save_config, to_dict
 from pretrain.data import DataError, RobustImageFolder, collate_with_skips
 from pretrain.fast_augment import TensorMocoAugmentation, decode_rgb
 from pretrain.moco import MoCo
@@ -38,51 +38,48 @@ from results.records import now_iso, write_metrics
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def _f(default, help_):
-    return field(default=default, metadata={"help": help_})
-
 
 @dataclass
 class PretrainConfig:
     """Defaults are the official MoCo v1 `main_moco.py` ones; `--config moco_v2` gives v2."""
-    data: str = _f("demo", "dataset root with train/ in ImageFolder layout, or 'demo' for the embedded data")
-    out: str = _f("runs/pretrain", "run directory: checkpoints, logs, metrics, resolved config")
-    arch: str = _f("resnet50", "torchvision ResNet name, or <name>_small (3x3 stem, no max-pool)")
-    width: int = _f(64, "first-stage channels of the *_small archs (64 = standard)")
-    epochs: int = _f(200, "total epochs")
-    batch_size: int = _f(256, "global batch size over all ranks")
-    lr: float = _f(0.03, "initial learning rate (for the global batch)")
-    schedule: list[int] = _f(None, "epochs at which lr drops x0.1 (step schedule)")
-    cos: bool = _f(False, "cosine lr schedule instead of steps")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(1e-4, "SGD weight decay")
-    moco_dim: int = _f(128, "feature dimension")
-    moco_k: int = _f(65536, "queue size (negative keys); divisible by the global batch")
-    moco_m: float = _f(0.999, "key-encoder momentum")
-    moco_t: float = _f(0.07, "softmax temperature")
-    mlp: bool = _f(False, "MoCo v2 MLP projection head")
-    aug_plus: bool = _f(False, "MoCo v2 augmentation (jitter p=0.8, blur)")
-    image_size: int = _f(224, "crop size")
-    crop_min: float = _f(0.2, "RandomResizedCrop minimum scale")
-    jitter: float = _f(0.4, "ColorJitter brightness/contrast/saturation strength")
-    blur_sigma: list[float] = _f(None, "Gaussian blur sigma range (aug+), default [0.1, 2.0]")
-    shuffle_bn: bool = _f(True, "ShuffleBN for the key encoder")
-    bn_groups: int = _f(8, "BN groups per rank in single-process runs (emulated ShuffleBN); DDP uses 1 per rank")
-    mask_false_negatives: bool = _f(False, "mask queued keys of the query's own image (small datasets)")
-    workers: int = _f(4, "data loader workers per rank")
-    loader: str = _f("pil", "augmentation pipeline: pil (official torchvision/PIL) | tensor (pretrain/fast_augment.py)")
-    seed: int = _f(0, "random seed (fixed by default so runs resume exactly)")
-    amp: Optional[bool] = _f(None, "mixed precision true/false: bf16 autocast on CPU, bf16/fp16 AMP on GPU; "
+    data: str = option("demo", "dataset root with train/ in ImageFolder layout, or 'demo' for the embedded data")
+    out: str = option("runs/pretrain", "run directory: checkpoints, logs, metrics, resolved config")
+    arch: str = option("resnet50", "torchvision ResNet name, or <name>_small (3x3 stem, no max-pool)")
+    width: int = option(64, "first-stage channels of the *_small archs (64 = standard)")
+    epochs: int = option(200, "total epochs")
+    batch_size: int = option(256, "global batch size over all ranks")
+    lr: float = option(0.03, "initial learning rate (for the global batch)")
+    schedule: list[int] = option(None, "epochs at which lr drops x0.1 (step schedule)")
+    cos: bool = option(False, "cosine lr schedule instead of steps")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(1e-4, "SGD weight decay")
+    moco_dim: int = option(128, "feature dimension")
+    moco_k: int = option(65536, "queue size (negative keys); divisible by the global batch")
+    moco_m: float = option(0.999, "key-encoder momentum")
+    moco_t: float = option(0.07, "softmax temperature")
+    mlp: bool = option(False, "MoCo v2 MLP projection head")
+    aug_plus: bool = option(False, "MoCo v2 augmentation (jitter p=0.8, blur)")
+    image_size: int = option(224, "crop size")
+    crop_min: float = option(0.2, "RandomResizedCrop minimum scale")
+    jitter: float = option(0.4, "ColorJitter brightness/contrast/saturation strength")
+    blur_sigma: list[float] = option(None, "Gaussian blur sigma range (aug+), default [0.1, 2.0]")
+    shuffle_bn: bool = option(True, "ShuffleBN for the key encoder")
+    bn_groups: int = option(8, "BN groups per rank in single-process runs (emulated ShuffleBN); DDP uses 1 per rank")
+    mask_false_negatives: bool = option(False, "mask queued keys of the query's own image (small datasets)")
+    workers: int = option(4, "data loader workers per rank")
+    loader: str = option("pil", "augmentation pipeline: pil (official torchvision/PIL) | tensor (pretrain/fast_augment.py)")
+    seed: int = option(0, "random seed (fixed by default so runs resume exactly)")
+    amp: Optional[bool] = option(None, "mixed precision true/false: bf16 autocast on CPU, bf16/fp16 AMP on GPU; "
                                    "unset = on for GPUs and for CPUs with fast bf16 (cpu_bf16_is_fast)")
-    channels_last: Optional[bool] = _f(None, "channels_last memory format true/false; unset = with amp")
-    strict_data: bool = _f(False, "make an unreadable image fatal instead of skipping it")
-    steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = full epoch); for smoke tests")
-    print_freq: int = _f(10, "log every N steps")
-    save_freq: int = _f(1, "checkpoint every N epochs (and always at the end)")
-    keep_checkpoints: int = _f(0, "keep only the newest N checkpoints (0 = keep all, as official)")
-    stop_after: int = _f(0, "return after this many epochs in this invocation (0 = all); rerun to resume")
-    resume: str = _f("auto", "'auto' = latest checkpoint in out, '' = start fresh, or a checkpoint path")
-    dist_backend: str = _f("auto", "nccl on GPU, gloo on CPU")
+    channels_last: Optional[bool] = option(None, "channels_last memory format true/false; unset = with amp")
+    strict_data: bool = option(False, "make an unreadable image fatal instead of skipping it")
+    steps_per_epoch: int = option(0, "cap on steps per epoch (0 = full epoch); for smoke tests")
+    print_freq: int = option(10, "log every N steps")
+    save_freq: int = option(1, "checkpoint every N epochs (and always at the end)")
+    keep_checkpoints: int = option(0, "keep only the newest N checkpoints (0 = keep all, as official)")
+    stop_after: int = option(0, "return after this many epochs in this invocation (0 = all); rerun to resume")
+    resume: str = option("auto", "'auto' = latest checkpoint in out, '' = start fresh, or a checkpoint path")
+    dist_backend: str = option("auto", "nccl on GPU, gloo on CPU")
 
     def __post_init__(self):
         if self.schedule is None:

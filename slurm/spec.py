@@ -25,19 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import ConfigError, apply_overrides, load_yaml
+from pretrain.config import ConfigError, apply_overrides, load_yaml, option
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
-
-
-def _f(default, help_):
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help_})
-    return field(default=default, metadata={"help": help_})
 
 
 @dataclass
@@ -46,23 +40,23 @@ class Resources:
 
     Mapped onto submitit's Slurm parameters; the local executor uses tasks_per_node, gpus_per_node and
     timeout_min only."""
-    nodes: int | None = _f(None, "nodes per job (default 1)")
-    gpus_per_node: int | None = _f(None, "GPUs per node (default 0)")
-    tasks_per_node: int | None = _f(None, "processes per node; default one per GPU (DDP), 1 without GPUs")
-    cpus_per_task: int | None = _f(None, "CPUs per process (default 2)")
-    mem_gb: float | None = _f(None, "memory per node in GB (default: the partition's)")
-    timeout_min: int | None = _f(None, "time limit per run in minutes (default 60); keep it >= 60 so a "
+    nodes: int | None = option(None, "nodes per job (default 1)")
+    gpus_per_node: int | None = option(None, "GPUs per node (default 0)")
+    tasks_per_node: int | None = option(None, "processes per node; default one per GPU (DDP), 1 without GPUs")
+    cpus_per_task: int | None = option(None, "CPUs per process (default 2)")
+    mem_gb: float | None = option(None, "memory per node in GB (default: the partition's)")
+    timeout_min: int | None = option(None, "time limit per run in minutes (default 60); keep it >= 60 so a "
                                        "preemption is not counted as a time-out by submitit")
-    partition: str | None = _f(None, "Slurm partition")
-    account: str | None = _f(None, "Slurm account")
-    qos: str | None = _f(None, "Slurm QOS")
-    constraint: str | None = _f(None, "Slurm node constraint, e.g. volta32gb")
-    signal_delay_s: int | None = _f(None, "USR2 this long before the time limit, to checkpoint and "
+    partition: str | None = option(None, "Slurm partition")
+    account: str | None = option(None, "Slurm account")
+    qos: str | None = option(None, "Slurm QOS")
+    constraint: str | None = option(None, "Slurm node constraint, e.g. volta32gb")
+    signal_delay_s: int | None = option(None, "USR2 this long before the time limit, to checkpoint and "
                                           "requeue (default 120: Slurm checks time limits every ~30-60 s)")
-    max_timeouts: int | None = _f(None, "requeues after a time-out (default 3; submitit counts any "
+    max_timeouts: int | None = option(None, "requeues after a time-out (default 3; submitit counts any "
                                         "signal in a job of < ~50 min as a time-out)")
-    sbatch_args: dict | None = _f(None, "extra sbatch options, e.g. {exclusive: true, mail-type: END}")
-    setup: list[str] | None = _f(None, "shell lines run before the job's srun (module load ..., env)")
+    sbatch_args: dict | None = option(None, "extra sbatch options, e.g. {exclusive: true, mail-type: END}")
+    setup: list[str] | None = option(None, "shell lines run before the job's srun (module load ..., env)")
 
 
 RESOURCE_DEFAULTS = Resources(nodes=1, gpus_per_node=0, cpus_per_task=2, timeout_min=60, signal_delay_s=120,
@@ -86,43 +80,43 @@ def merge_resources(*layers: Resources) -> Resources:
 
 @dataclass
 class PretrainSection:
-    config: list[str] = _f([], "PretrainConfig YAML files or shipped names (pretrain/configs), in order")
-    overrides: dict = _f({}, "PretrainConfig fields set for every variant")
-    variants: dict = _f({}, "variant name -> {config: [...], field: value, ...} (default: one variant 'moco')")
-    grid: dict = _f({}, "field -> list of values; every combination is run for every variant")
-    trials: int = _f(1, "trials (seeds) per variant x grid point")
-    seeds: list[int] | None = _f(None, "explicit seeds, one trial each (default: seed, seed+1, ...)")
-    resources: dict = _f({}, "resources of pretrain jobs")
+    config: list[str] = option([], "PretrainConfig YAML files or shipped names (pretrain/configs), in order")
+    overrides: dict = option({}, "PretrainConfig fields set for every variant")
+    variants: dict = option({}, "variant name -> {config: [...], field: value, ...} (default: one variant 'moco')")
+    grid: dict = option({}, "field -> list of values; every combination is run for every variant")
+    trials: int = option(1, "trials (seeds) per variant x grid point")
+    seeds: list[int] | None = option(None, "explicit seeds, one trial each (default: seed, seed+1, ...)")
+    resources: dict = option({}, "resources of pretrain jobs")
 
 
 @dataclass
 class BenchmarkSection:
-    benchmark: str = _f("", "evaluator (linear, knn, svm, lowshot, semisup, extract) or detectron2 recipe "
+    benchmark: str = option("", "evaluator (linear, knn, svm, lowshot, semisup, extract) or detectron2 recipe "
                             "(voc07-c4, coco-c4-1x, ...); default: the entry's name")
-    config: list[str] = _f([], "config YAML files for the evaluator, in order")
-    trials: int = _f(1, "repeats per checkpoint (seeds 0..trials-1), e.g. 5 for VOC detection")
-    resources: dict = _f({}, "resources of this benchmark's jobs")
-    fields: dict = _f({}, "(filled from the remaining keys) the stage config fields")
+    config: list[str] = option([], "config YAML files for the evaluator, in order")
+    trials: int = option(1, "repeats per checkpoint (seeds 0..trials-1), e.g. 5 for VOC detection")
+    resources: dict = option({}, "resources of this benchmark's jobs")
+    fields: dict = option({}, "(filled from the remaining keys) the stage config fields")
 
 
 @dataclass
 class CheckpointEntry:
-    name: str = _f("", "name used in the stage directory and tables")
-    path: str = _f("", "checkpoint file in any format `mocobench inspect` reads")
+    name: str = option("", "name used in the stage directory and tables")
+    path: str = option("", "checkpoint file in any format `mocobench inspect` reads")
 
 
 @dataclass
 class SweepSpec:
-    name: str = _f("", "sweep name (default: the spec file's stem)")
-    output_root: str = _f("runs/sweep", "sweep directory: one sub-directory per stage, logs/, tables/")
-    cluster: str = _f("auto", "auto (Slurm where it answers, else local) | slurm | local | debug")
-    local_parallel: int = _f(1, "local executor: stages run at the same time")
-    results: bool = _f(True, "gather tables and plots (mocobench results) when the sweep ends")
-    resources: dict = _f({}, "default resources of every stage")
-    pretrain: dict | None = _f(None, "pretrain section (omit to evaluate `checkpoints` only)")
-    benchmarks: dict = _f({}, "entry name -> benchmark settings")
-    checkpoints: list = _f([], "third-party checkpoints: [{name, path}, ...]")
-    source: str = _f("", "(set by the loader) the spec file")
+    name: str = option("", "sweep name (default: the spec file's stem)")
+    output_root: str = option("runs/sweep", "sweep directory: one sub-directory per stage, logs/, tables/")
+    cluster: str = option("auto", "auto (Slurm where it answers, else local) | slurm | local | debug")
+    local_parallel: int = option(1, "local executor: stages run at the same time")
+    results: bool = option(True, "gather tables and plots (mocobench results) when the sweep ends")
+    resources: dict = option({}, "default resources of every stage")
+    pretrain: dict | None = option(None, "pretrain section (omit to evaluate `checkpoints` only)")
+    benchmarks: dict = option({}, "entry name -> benchmark settings")
+    checkpoints: list = option([], "third-party checkpoints: [{name, path}, ...]")
+    source: str = option("", "(set by the loader) the spec file")
 
 
 def _section(cls, data: Any, where: str):

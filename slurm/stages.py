@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import ConfigError, apply_overrides, load_yaml, to_dict
+from pretrain.config import ConfigError, apply_overrides, load_yaml, option, to_dict
 from slurm import spec as sp
 
 EXTERNAL_DIR = "external"
@@ -55,10 +55,10 @@ class Stage:
 @dataclass
 class TransferFields:
     """The fields a detectron2 benchmark entry takes (mocobench transfer detectron2 options)."""
-    data_root: str = sp._f("datasets", "folder with VOC2007/, VOC2012/, coco/; 'demo' = the embedded demo data")
-    smoke: bool = sp._f(False, "tiny CPU-sized settings (transfer/configs/smoke.yaml)")
-    opts: list[str] = sp._f([], "detectron2 KEY VALUE overrides, applied last")
-    weights: str = sp._f("", "'' = each checkpoint of the sweep; else one run on these --weights "
+    data_root: str = option("datasets", "folder with VOC2007/, VOC2012/, coco/; 'demo' = the embedded demo data")
+    smoke: bool = option(False, "tiny CPU-sized settings (transfer/configs/smoke.yaml)")
+    opts: list[str] = option([], "detectron2 KEY VALUE overrides, applied last")
+    weights: str = option("", "'' = each checkpoint of the sweep; else one run on these --weights "
                              "(none, random:resnet50, a file), e.g. a pipeline smoke test")
 
 
