@@ -22,3 +22,16 @@ def demo_data():
     """pretrain.demo_data.DemoData for the shared test copy (first use on a machine: ~10 s to build)."""
     from pretrain.demo_data import ensure_demo_data
     return ensure_demo_data(DEMO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoints(tmp_path_factory, demo_data):
+    """A 3-step MoCo v2 demo pretrain checkpoint (`pretrain --config demo`) and a random init of the same
+    arch, shared by the evaluator end-to-end tests."""
+    from pretrain.config import parse_config
+    from pretrain.train import CONFIG_DIR, PretrainConfig, run
+    out = tmp_path_factory.mktemp("demo_pretrain")
+    cfg, _ = parse_config(PretrainConfig, ["--config", "demo", "--epochs", "1", "--steps-per-epoch", "3",
+                                           "--workers", "0", "--out", str(out)], "t", "t", search_dir=CONFIG_DIR)
+    run(cfg)
+    return {"pretrained": str(out / "checkpoint_0000.pth.tar"), "random": "random:resnet18_small:16"}

@@ -229,15 +229,8 @@ def test_ddp_syncs_heads_and_sums_sharded_val_counts(tmp_path):
 
 # --- end to end on the demo data ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, demo_data):
-    """A 3-step MoCo v2 demo pretrain checkpoint (pretrain --config demo) and a random init of the same arch."""
-    from pretrain.config import parse_config
-    from pretrain.train import CONFIG_DIR, PretrainConfig, run
-    out = tmp_path_factory.mktemp("pretrain")
-    cfg, _ = parse_config(PretrainConfig, ["--config", "demo", "--epochs", "1", "--steps-per-epoch", "3",
-                                           "--workers", "0", "--out", str(out)], "t", "t", search_dir=CONFIG_DIR)
-    run(cfg)
-    return {"pretrained": str(out / "checkpoint_0000.pth.tar"), "random": "random:resnet18_small:16"}
+def checkpoints(demo_checkpoints):
+    return demo_checkpoints
 
 
 @pytest.mark.parametrize("which", ["pretrained", "random"])

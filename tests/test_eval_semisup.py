@@ -85,15 +85,8 @@ def test_grid_metrics_report_every_cell_and_the_best():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, demo_data):
-    """A 2-step MoCo v2 demo pretrain checkpoint (pretrain --config demo)."""
-    from pretrain.config import parse_config
-    from pretrain.train import CONFIG_DIR, PretrainConfig, run
-    out = tmp_path_factory.mktemp("pretrain")
-    cfg, _ = parse_config(PretrainConfig, ["--config", "demo", "--epochs", "1", "--steps-per-epoch", "2",
-                                           "--workers", "0", "--out", str(out)], "t", "t", search_dir=CONFIG_DIR)
-    run(cfg)
-    return str(out / "checkpoint_0000.pth.tar")
+def checkpoint(demo_checkpoints):
+    return demo_checkpoints["pretrained"]
 
 
 def demo_list(demo_data, tmp_path, per_class=2):
