@@ -8,7 +8,6 @@ wrapper every evaluator's `main` uses (config parsing, clear one-line errors, ex
 """
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -23,33 +22,12 @@ EVALUATORS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    width = max(map(len, EVALUATORS))
-    lines = ["usage: mocobench eval <evaluator> [options]", "", "evaluators:"]
-    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in EVALUATORS.items()]
-    lines += ["", "Every evaluator takes --out DIR and writes DIR/metrics.json;",
-              "run `mocobench eval <evaluator> --help` for its options."]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from mocobench.cli import dispatch
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in EVALUATORS:
-        print(f"mocobench eval: unknown evaluator {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module_name = EVALUATORS[name][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        print(f"mocobench eval: evaluator {name!r} is not installed ({module_name} is missing)", file=sys.stderr)
-        return 2
-    return int(module.main(rest) or 0)
+    return dispatch(EVALUATORS, argv, "mocobench eval", "evaluator",
+                    "Every evaluator takes --out DIR and writes DIR/metrics.json;\n"
+                    "run `mocobench eval <evaluator> --help` for its options.")
 
 
 def run_evaluator(config_cls: type, run: Callable[[Any], dict], argv: list[str], prog: str, description: str,

@@ -23,27 +23,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: mocobench <command> [options]", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `mocobench <command> --help` for the options of one command."]
-    return "\n".join(lines)
+def dispatch(table: dict[str, tuple[str, str]], argv: list[str], prog: str, kind: str, footer: str) -> int:
+    """Run `table[argv[0]]` ("module:function" or a module with `main`) on argv[1:]; print usage on -h."""
+    width = max(map(len, table))
+    usage = "\n".join([f"usage: {prog} <{kind}> [options]", "", f"{kind}s:"]
+                      + [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in table.items()] + ["", footer])
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in table:
+        print(f"{prog}: unknown {kind} {name!r}\n\n{usage}", file=sys.stderr)
+        return 2
+    module_name, _, func_name = table[name][0].partition(":")
+    func = getattr(importlib.import_module(module_name), func_name or "main")
+    return int(func(rest) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"mocobench: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    target, _ = COMMANDS[name]
-    module_name, func_name = target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    return dispatch(COMMANDS, argv, "mocobench", "command",
+                    "Run `mocobench <command> --help` for the options of one command.")
 
 
 if __name__ == "__main__":
