@@ -40,7 +40,6 @@ from results.records import now_iso, write_metrics
 K_VALUES = (1, 2, 4, 8, 16, 32, 64, 96)
 
 
-
 @dataclass
 class LowShotConfig(SVMSolverOptions, FeatureSourceConfig):
     """Low-shot SVMs: k positives and (C-1)k negatives per class, 5 samples per k."""

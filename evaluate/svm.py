@@ -37,7 +37,6 @@ from results.records import now_iso, write_metrics
 VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
 
 
-
 @dataclass
 class SVMSolverOptions:
     """Options shared by the SVM protocols (full VOC07 and low-shot)."""
