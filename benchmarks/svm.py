@@ -144,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in solvers:
         res = run_variant(name, data_spec, opts, args.threads)
         results[name] = res
-        extra = (f", {res['solver']['newton_iters']} Newton / {res['solver']['cg_iters']} CG steps"
-                 if res["solver"] else "")
+        ps = res["protocol_seconds"]
+        extra = f" (setup {ps['setup']:.1f} s, cross-validation {ps['cross_validation']:.1f} s, final {ps['final']:.1f} s)"
+        if res["solver"]:
+            extra += f", {res['solver']['newton_iters']} Newton / {res['solver']['cg_iters']} CG steps"
         label = f"torch ({args.precision}, {args.device})" if name == "torch" else "sklearn LinearSVC"
         print(f"  {label}: {res['seconds']:.1f} s, mAP {res['mAP']:.2f}, peak RSS {res['peak_rss_mib']:.0f} MiB{extra}",
               flush=True)
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"benchmark": "svm", "data": what, "threads": args.threads, "precision": args.precision,
                "device": args.device,
                **{f"{n}_seconds": r["seconds"] for n, r in results.items()},
+               **{f"{n}_protocol_seconds": r["protocol_seconds"] for n, r in results.items()},
                **{f"{n}_mAP": r["mAP"] for n, r in results.items()},
                **{f"{n}_peak_rss_mib": r["peak_rss_mib"] for n, r in results.items()}}
     if {"sklearn", "torch"} <= set(results):

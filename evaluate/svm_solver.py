@@ -76,17 +76,20 @@ class Basis:
     For d <= n it is the eigenbasis of F^T F (PCA rotation); otherwise V = F^T U diag(lam)^-1/2 from the
     eigendecomposition F F^T = U diag(lam) U^T, so Z = U diag(lam)^1/2. Directions with eigenvalue below
     `rel_eps * lam_max` are dropped: the SVM optimum has no component outside the training rows' span.
+    `gram` is F F^T (= Z Z^T) when the eigenbasis came from it, else None.
     """
 
     def __init__(self, feats: torch.Tensor, rel_eps: float = 1e-12):
         n, d = feats.shape
+        self.gram = None
         if d <= n:
             lam, vecs = torch.linalg.eigh(feats.T @ feats)
             keep = lam > rel_eps * lam.max().clamp_min(1e-300)
             self.V = vecs[:, keep].flip(1)
             self.Z = feats @ self.V
         else:
-            lam, U = torch.linalg.eigh(feats @ feats.T)
+            self.gram = feats @ feats.T
+            lam, U = torch.linalg.eigh(self.gram)
             keep = lam > rel_eps * lam.max().clamp_min(1e-300)
             lam, U = lam[keep].flip(0), U[:, keep].flip(1)
             self.V = (feats.T @ U) / lam.sqrt()
@@ -330,7 +333,9 @@ class TorchSVM:
             self.projected[name] = self.basis.project(self._augment(feats))
         del aug
         # Gram matrix of the training rows, for exact Newton steps on small active sets (N x N floats)
-        self.gram = self.basis.Z @ self.basis.Z.T if self.n_train <= max_gram_rows else None
+        self.gram = None
+        if self.n_train <= max_gram_rows:
+            self.gram = self.basis.gram if self.basis.gram is not None else self.basis.Z @ self.basis.Z.T
         self.info: list[SolveInfo] = []
 
     def _augment(self, feats: np.ndarray) -> torch.Tensor:
