@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.timing import emit, interleaved, median, paired_ratio, peak_rss_mib, rate
 from pretrain.config import apply_overrides, load_yaml
-from pretrain.train import CONFIG_DIR, PretrainConfig, amp_dtype, build_model, resolve_fast_path, train_step
+from pretrain.distributed import amp_dtype
+from pretrain.train import CONFIG_DIR, PretrainConfig, build_model, resolve_fast_path, train_step
 
 TARGET_RATIO = 2.5
 TARGET_PEAK_FRACTION = 0.75

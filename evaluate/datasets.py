@@ -351,3 +351,26 @@ def subset(dataset: ImageFolder, spec: str | Path, seed: int = 0) -> SubsetDatas
     if len(set(indices)) != len(indices):
         raise DataError(f"subset list {source} names the same image more than once")
     return SubsetDataset(dataset, sorted(indices))
+
+
+def distributed_loaders(train_ds, val_ds, batch_size: int, workers: int, seed: int, device,
+                        drop_last: bool = False):
+    """(train loader, its DistributedSampler, val loader) for this rank; `batch_size` is global.
+
+    Train: a seeded DistributedSampler shard (call `sampler.set_epoch`). Val: an unpadded strided shard, so
+    summing correct counts over ranks gives exact accuracy (DistributedSampler would pad with repeats).
+    """
+    from pretrain import distributed as dist
+    from pretrain.config import ConfigError
+    world, rank = dist.world_size(), dist.rank()
+    if batch_size % world:
+        raise ConfigError(f"batch_size={batch_size} must be divisible by the number of processes {world}")
+    per_rank = batch_size // world
+    pin = device.type == "cuda"
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
+                                               pin_memory=pin, drop_last=drop_last)
+    val_shard = torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, shuffle=False, num_workers=workers,
+                                             pin_memory=pin)
+    return train_loader, sampler, val_loader

@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pretrain.augment import eval_transform
+from pretrain.distributed import amp_dtype
 from pretrain.config import ConfigError, option, to_dict
 from pretrain.data import DataError
 from results.records import now_iso, write_metrics
@@ -107,12 +108,6 @@ class LayerFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         maps = stage_maps(self.backbone, x, self.upto)
         return {layer: pool_map(layer, maps[STAGE_OF_LAYER[layer]]) for layer in self.layers}
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
-from evaluate.features import (FeatureFileError, FeatureSourceConfig, LayerFeatures, amp_dtype,
+from evaluate.features import (FeatureFileError, FeatureSourceConfig, LayerFeatures,
                                check_checkpoint, check_layer, load_features, load_frozen_backbone, resolve_features)
 from pretrain import distributed as dist
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -159,7 +159,7 @@ class LinearEval(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype(x.device), enabled=self.amp):
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=dist.amp_dtype(x.device), enabled=self.amp):
             pooled = self.features(x)
         return {layer: head(pooled[layer].float().flatten(1) if isinstance(head, nn.Linear) else pooled[layer].float())
                 for layer, head in self.heads.items()}
@@ -238,18 +238,8 @@ def _loaders(cfg: LinearConfig, device: torch.device):
     root = datasets.resolve_data(cfg.data, "imagefolder")
     train_ds = datasets.image_folder(root, cfg.train_split or "train", train_transform(cfg))
     val_ds = datasets.image_folder(root, cfg.test_split or "val", eval_transform(cfg.resize, cfg.crop))
-    world, rank = dist.world_size(), dist.rank()
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {world}")
-    per_rank = cfg.batch_size // world
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=cfg.seed)
-    pin = device.type == "cuda"
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
-                                               num_workers=cfg.workers, pin_memory=pin)
-    val_shard = torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world))  # no padding: exact counts
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, shuffle=False,
-                                             num_workers=cfg.workers, pin_memory=pin)
+    train_loader, sampler, val_loader = datasets.distributed_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers,
+                                                                     cfg.seed, device)
     return train_ds, train_loader, sampler, val_loader
 
 

@@ -40,7 +40,7 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
-from evaluate.datasets import write_subset_list
+from evaluate.datasets import distributed_loaders, write_subset_list
 from evaluate.features import check_checkpoint
 from evaluate.linear import topk_correct
 from pretrain import distributed as dist
@@ -168,7 +168,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool) -> dict[
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if amp:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=amp):
+        with torch.autocast(device.type, dtype=dist.amp_dtype(device), enabled=amp):
             logits = model(images)
         counts += torch.cat([topk_correct(logits.float(), target), torch.tensor([len(target)], dtype=torch.float64)])
     if dist.world_size() > 1:
@@ -178,24 +178,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool) -> dict[
     return {"top1": (100 * counts[0] / counts[2]).item(), "top5": (100 * counts[1] / counts[2]).item()}
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
-
-
 def _loaders(cfg: SemisupConfig, labelled, val, device: torch.device):
-    world, rank = dist.world_size(), dist.rank()
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {world}")
-    per_rank = cfg.batch_size // world
-    sampler = torch.utils.data.DistributedSampler(labelled, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=cfg.seed)
-    pin = device.type == "cuda"
-    train_loader = torch.utils.data.DataLoader(labelled, batch_size=per_rank, sampler=sampler,
-                                               num_workers=cfg.workers, pin_memory=pin, drop_last=False)
-    val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))  # no padding: exact counts
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, shuffle=False,
-                                             num_workers=cfg.workers, pin_memory=pin)
-    return train_loader, sampler, val_loader
+    return distributed_loaders(labelled, val, cfg.batch_size, cfg.workers, cfg.seed, device)
 
 
 def train_cell(cfg: SemisupConfig, lr: float, mult: float, num_classes: int, loaders, device: torch.device,
@@ -212,7 +196,7 @@ def train_cell(cfg: SemisupConfig, lr: float, mult: float, num_classes: int, loa
     optimizer = make_optimizer(model, lr, mult, cfg)
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if dist.world_size() > 1 else model)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and _amp_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and dist.amp_dtype(device) == torch.float16)
     ckpt_path = out / "cells" / f"{name}.pth.tar"
     start_epoch = 0
     if cfg.resume and ckpt_path.is_file():
@@ -232,7 +216,7 @@ def train_cell(cfg: SemisupConfig, lr: float, mult: float, num_classes: int, loa
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
             if cfg.amp:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=cfg.amp):
+            with torch.autocast(device.type, dtype=dist.amp_dtype(device), enabled=cfg.amp):
                 logits = ddp(images)
             loss = F.cross_entropy(logits.float(), target)
             if not torch.isfinite(loss):

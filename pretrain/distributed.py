@@ -41,6 +41,11 @@ def init_from_env(backend: str = "auto") -> torch.device:
     return device
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 on CPU and on GPUs that support it, else fp16 (with a GradScaler)."""
+    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+
+
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from all ranks along dim 0 (no gradient flows back), as in official MoCo."""

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pretrain import distributed as dist
 from pretrain.augment import TwoCropsTransform, moco_augmentation
+from pretrain.distributed import amp_dtype
 from pretrain.backbones import build_backbone
 from pretrain.checkpoints import atomic_save, safe_load
 from pretrain.config import ConfigError, option, parse_config, save_config, to_dict
@@ -213,11 +214,6 @@ def resolve_fast_path(cfg: PretrainConfig, device: torch.device) -> PretrainConf
 
 
 # --- one step -------------------------------------------------------------------------------------------
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CPU and on GPUs that support it, else fp16 (with a GradScaler)."""
-    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-
-
 def train_step(model: nn.Module, optimizer, scaler, im_q: torch.Tensor, im_k: torch.Tensor, ids: torch.Tensor,
                cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One MoCo SGD step (main_moco.py's inner loop); returns (loss, instance accuracy in %).
