@@ -17,6 +17,17 @@ DEMO_ROOT = REPO / ".cache" / "demo-data"
 os.environ["MOCOBENCH_DATA"] = str(DEMO_ROOT)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny-tensor tests: on a shared 2-core machine two
+    contending OpenMP threads made tiny convs up to ~30x slower. Use: pytestmark = usefixtures("one_thread")."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_data():
     """pretrain.demo_data.DemoData for the shared test copy (first use on a machine: ~10 s to build)."""

@@ -16,12 +16,7 @@ from pretrain import fast_augment as fa
 from pretrain.augment import GaussianBlur, moco_augmentation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def photo(w=96, h=72, seed=0) -> Image.Image:

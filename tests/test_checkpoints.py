@@ -30,13 +30,7 @@ ARCHS = [("resnet18_small", 8), ("resnet50_small", 4)]
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs: one intra-op thread is far faster than several on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -18,13 +18,7 @@ from results.records import read_metrics
 from test_eval_features import make_image_folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread is ~30x faster than two contending."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 # --- kNN ------------------------------------------------------------------------------------------------
