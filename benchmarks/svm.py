@@ -85,7 +85,11 @@ def run_variant(solver: str, data_spec: dict, opts: dict, threads: int) -> dict:
     proc = ctx.Process(target=_run_variant, args=(child, solver, data_spec, opts, threads))
     proc.start()
     child.close()
-    result = parent.recv()
+    try:
+        result = parent.recv()
+    except EOFError:  # the child died without reporting (killed, out of memory)
+        proc.join()
+        raise RuntimeError(f"svm bench: the {solver} run exited with code {proc.exitcode} without a result") from None
     proc.join()
     if "error" in result:
         raise RuntimeError(f"svm bench: the {solver} run failed: {result['error']}")
