@@ -1,13 +1,18 @@
-"""`mocobench bench svm`: the VOC07 SVM protocol (evaluate/svm.py) solved by sklearn's LinearSVC, the
-reference VISSL / MMSelfSup use, against the batched torch solver (evaluate/svm_solver.py), on the same
-features: wall time of the whole protocol (normalisation, 3-fold CV over every class x cost, final fits,
-test AP), the speedup, |delta mAP| and the largest per-class |delta AP|, and each run's peak RSS.
+"""`mocobench bench svm`: an SVM protocol solved by sklearn's LinearSVC, the reference VISSL / MMSelfSup use,
+against the batched torch solver (evaluate/svm_solver.py), on the same features: wall time of the whole
+protocol, the speedup, |delta mAP| and the largest |delta AP|, and each run's peak RSS.
+
+`--protocol voc07` (default, evaluate/svm.py): normalisation, 3-fold CV over every class x cost, final fits,
+test AP. `--protocol lowshot` (evaluate/lowshot.py): 5 samples x every k x every class x cost, test mAP, the
+cost chosen per k by the mean test mAP (VISSL's `aggregate_stats`); |delta mAP| is then the largest over k of
+the reported means, and |delta AP| the largest over every (k, sample, cost) mAP.
 
 Each solver runs in its own fresh process (spawned), so its peak RSS is its own and thread settings do not
 leak; `--threads N` gives both the same cores (torch intra-op threads; sklearn N LinearSVC fits in parallel
 threads, as VISSL runs one thread per class). Default 1: the cleanest like-for-like comparison.
 
     mocobench bench svm --quick                      # 1000 / 1000 images, 1024-d, 20 classes (minutes)
+    mocobench bench svm --quick --protocol lowshot   # the same data, k = 1..32 (VOC07 size: 1..96)
     mocobench bench svm                              # VOC07 shape: 5011 / 4952 images, 8192-d (sklearn: hours)
     mocobench bench svm --features runs/feat/features.npz --solvers torch   # real cached features
 """
@@ -27,6 +32,8 @@ VOC07_TRAINVAL_COUNTS = (238, 243, 330, 181, 244, 186, 713, 337, 445, 141, 200, 
                          229, 261, 256)
 VOC07_SHAPE = {"n_train": 5011, "n_test": 4952, "dim": 8192, "classes": 20}
 QUICK_SHAPE = {"n_train": 1000, "n_test": 1000, "dim": 1024, "classes": 20}
+# low-shot k values: VISSL's all at VOC07 size; --quick stops where its rarest class runs out of positives
+QUICK_K_VALUES = (1, 2, 4, 8, 16)
 
 
 def synthetic_voc(n_train: int, n_test: int, dim: int, classes: int = 20, seed: int = 0,
@@ -53,12 +60,32 @@ def synthetic_voc(n_train: int, n_test: int, dim: int, classes: int = 20, seed: 
     return out
 
 
-def _run_variant(conn, solver: str, data_spec: dict, opts: dict, threads: int) -> None:
+def _protocol_result(protocol: str, data: dict, so, lowshot: dict) -> dict:
+    """Run one protocol; the figures both solvers are compared on (percent)."""
+    if protocol == "lowshot":
+        from evaluate.lowshot import lowshot_svm
+        res = lowshot_svm(data["train_feats"], data["train_labels"], data["test_feats"], data["test_labels"], so,
+                          lowshot["k_values"], lowshot["samples"], progress=False)
+        summary = res.summary("test")
+        return {"protocol_seconds": {"total": res.seconds}, "solver": res.solver,
+                "mAP": float(np.mean([row["mean"] for row in summary.values()])),
+                "per_k": {f"k{k}": row["mean"] for k, row in summary.items()},
+                "chosen": [row["cost"] for row in summary.values()],
+                "test_ap": np.concatenate([100 * m.ravel() for m in res.test_map.values()]).tolist()}
+    from evaluate.svm import voc07_svm
+    res = voc07_svm(data["train_feats"], data["train_labels"], data["test_feats"], data["test_labels"], so,
+                    progress=False)
+    return {"protocol_seconds": res.seconds, "solver": res.solver, "mAP": 100 * res.mAP,
+            "test_ap": (100 * res.test_ap).tolist(), "chosen": res.chosen.tolist(), "cv_ap": res.cv_ap.tolist()}
+
+
+def _run_variant(conn, solver: str, data_spec: dict, opts: dict, threads: int, protocol: str = "voc07",
+                 lowshot: dict | None = None) -> None:
     """Child process: load/make the features, run the whole protocol with one solver, report back."""
     try:
         import torch
         from evaluate.features import load_features, peak_rss_mb
-        from evaluate.svm import SVMSolverOptions, voc07_svm
+        from evaluate.svm import SVMSolverOptions
         torch.set_num_threads(max(1, threads))
         if "features" in data_spec:
             fs = load_features(data_spec["features"])
@@ -68,21 +95,19 @@ def _run_variant(conn, solver: str, data_spec: dict, opts: dict, threads: int) -
             data = synthetic_voc(**data_spec)
         so = SVMSolverOptions(solver=solver, n_jobs=max(1, threads), threads=max(1, threads), **opts)
         t0 = time.perf_counter()
-        res = voc07_svm(data["train_feats"], data["train_labels"], data["test_feats"], data["test_labels"], so,
-                        progress=False)
-        conn.send({"seconds": time.perf_counter() - t0, "protocol_seconds": res.seconds, "mAP": 100 * res.mAP,
-                   "test_ap": (100 * res.test_ap).tolist(), "chosen": res.chosen.tolist(), "cv_ap": res.cv_ap.tolist(),
-                   "solver": res.solver, "peak_rss_mib": peak_rss_mb()["self"]})
+        out = _protocol_result(protocol, data, so, lowshot or {})
+        conn.send({"seconds": time.perf_counter() - t0, **out, "peak_rss_mib": peak_rss_mb()["self"]})
     except BaseException as e:  # noqa: BLE001 - reported by the parent
         conn.send({"error": f"{type(e).__name__}: {e}"})
     finally:
         conn.close()
 
 
-def run_variant(solver: str, data_spec: dict, opts: dict, threads: int) -> dict:
+def run_variant(solver: str, data_spec: dict, opts: dict, threads: int, protocol: str = "voc07",
+                lowshot: dict | None = None) -> dict:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_run_variant, args=(child, solver, data_spec, opts, threads))
+    proc = ctx.Process(target=_run_variant, args=(child, solver, data_spec, opts, threads, protocol, lowshot))
     proc.start()
     child.close()
     try:
@@ -97,17 +122,26 @@ def run_variant(solver: str, data_spec: dict, opts: dict, threads: int) -> dict:
 
 
 def compare(ref: dict, new: dict) -> dict:
-    """|delta mAP|, the largest per-class |delta AP| (percent points) and how many chosen costs differ."""
+    """|delta mAP|, the largest per-class |delta AP| (percent points) and how many chosen costs differ.
+
+    Low-shot: |delta mAP| is the largest over k of the reported (mean over samples) mAPs."""
     a, b = np.array(ref["test_ap"], dtype=float), np.array(new["test_ap"], dtype=float)
-    return {"abs_delta_mAP": abs(ref["mAP"] - new["mAP"]), "max_abs_delta_AP": float(np.nanmax(np.abs(a - b))),
-            "chosen_cost_differs": int(np.sum(np.array(ref["chosen"]) != np.array(new["chosen"]))),
-            "max_abs_delta_cv_AP": float(np.nanmax(np.abs(np.array(ref["cv_ap"]) - np.array(new["cv_ap"]))))}
+    out = {"abs_delta_mAP": abs(ref["mAP"] - new["mAP"]), "max_abs_delta_AP": float(np.nanmax(np.abs(a - b))),
+           "chosen_cost_differs": int(np.sum(np.array(ref["chosen"]) != np.array(new["chosen"])))}
+    if "per_k" in ref:
+        out["abs_delta_mAP"] = max(abs(ref["per_k"][k] - new["per_k"][k]) for k in ref["per_k"])
+    if "cv_ap" in ref:
+        out["max_abs_delta_cv_AP"] = float(np.nanmax(np.abs(np.array(ref["cv_ap"]) - np.array(new["cv_ap"]))))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mocobench bench svm", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller synthetic problem (1000/1000 images, 1024-d)")
+    parser.add_argument("--protocol", default="voc07", choices=("voc07", "lowshot"), help="which SVM protocol")
+    parser.add_argument("--k-values", default="", help="low-shot k values (default 1..96 as VISSL; quick 1..16)")
+    parser.add_argument("--samples", type=int, default=5, help="low-shot samples per k")
     parser.add_argument("--features", default="", help="a features .npz to use instead of synthetic data")
     parser.add_argument("--n-train", type=int, default=None, help="synthetic train images (default 5011, quick 1000)")
     parser.add_argument("--n-test", type=int, default=None, help="synthetic test images (default 4952, quick 1000)")
@@ -142,32 +176,49 @@ def main(argv: list[str] | None = None) -> int:
         what = (f"synthetic VOC07-like features: {shape['n_train']} train / {shape['n_test']} test, {shape['dim']}-d, "
                 f"{shape['classes']} classes")
     n_costs = len(opts.get("costs", ())) or 11
-    print(f"svm bench: {what}; {n_costs} costs x 3 folds; {args.threads} thread(s) per solver", flush=True)
+    lowshot = None
+    if args.protocol == "lowshot":
+        from evaluate.lowshot import K_VALUES
+        try:
+            k_values = [int(k) for k in args.k_values.split(",")] if args.k_values else \
+                list(QUICK_K_VALUES if args.quick else K_VALUES)
+        except ValueError:
+            parser.error(f"--k-values must be comma-separated integers, got {args.k_values!r}")
+        lowshot = {"k_values": k_values, "samples": args.samples}
+        plan = f"low-shot k={','.join(map(str, k_values))} x {args.samples} samples x {n_costs} costs"
+    else:
+        plan = f"VOC07 protocol, {n_costs} costs x 3 folds"
+    print(f"svm bench: {what}; {plan}; {args.threads} thread(s) per solver", flush=True)
 
     results = {}
     for name in solvers:
-        res = run_variant(name, data_spec, opts, args.threads)
+        res = run_variant(name, data_spec, opts, args.threads, args.protocol, lowshot)
         results[name] = res
-        ps = res["protocol_seconds"]
-        extra = f" (setup {ps['setup']:.1f} s, cross-validation {ps['cross_validation']:.1f} s, final {ps['final']:.1f} s)"
+        extra = " (" + ", ".join(f"{k.replace('_', '-')} {v:.1f} s" for k, v in res["protocol_seconds"].items()) + ")"
+        if "per_k" in res:
+            extra += "; mAP per k " + " ".join(f"{k} {v:.2f}" for k, v in res["per_k"].items())
         if res["solver"]:
             extra += f", {res['solver']['newton_iters']} Newton / {res['solver']['cg_iters']} CG steps"
         label = f"torch ({args.precision}, {args.device})" if name == "torch" else "sklearn LinearSVC"
-        print(f"  {label}: {res['seconds']:.1f} s, mAP {res['mAP']:.2f}, peak RSS {res['peak_rss_mib']:.0f} MiB{extra}",
+        what_map = "mAP (mean over k)" if "per_k" in res else "mAP"
+        print(f"  {label}: {res['seconds']:.1f} s, {what_map} {res['mAP']:.2f}, peak RSS {res['peak_rss_mib']:.0f} MiB{extra}",
               flush=True)
 
-    summary = {"benchmark": "svm", "data": what, "threads": args.threads, "precision": args.precision,
-               "device": args.device,
+    summary = {"benchmark": "svm", "protocol": args.protocol, "data": what, "threads": args.threads,
+               **({"k_values": lowshot["k_values"], "samples": args.samples} if lowshot else {}),
+               "precision": args.precision, "device": args.device,
                **{f"{n}_seconds": r["seconds"] for n, r in results.items()},
                **{f"{n}_protocol_seconds": r["protocol_seconds"] for n, r in results.items()},
                **{f"{n}_mAP": r["mAP"] for n, r in results.items()},
+               **{f"{n}_mAP_per_k": r["per_k"] for n, r in results.items() if "per_k" in r},
                **{f"{n}_peak_rss_mib": r["peak_rss_mib"] for n, r in results.items()}}
     if {"sklearn", "torch"} <= set(results):
         ref, new = results["sklearn"], results["torch"]
         cmp = compare(ref, new)
         summary.update({"speedup": ref["seconds"] / new["seconds"], **cmp})
+        per, unit = ("(k, sample, cost) mAP", "k value(s)") if lowshot else ("per-class AP", "class(es)")
         print(f"  speedup {summary['speedup']:.1f}x (torch vs sklearn); |delta mAP| {cmp['abs_delta_mAP']:.3f}, "
-              f"max per-class |delta AP| {cmp['max_abs_delta_AP']:.3f}, chosen cost differs for "
-              f"{cmp['chosen_cost_differs']} class(es)", flush=True)
+              f"max |delta {per}| {cmp['max_abs_delta_AP']:.3f}, chosen cost differs for "
+              f"{cmp['chosen_cost_differs']} {unit}", flush=True)
     emit(summary)
     return 0

@@ -49,3 +49,19 @@ def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--features", "/nonexistent.npz"])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_bench_lowshot_protocol_compares_the_reported_means(capsys):
+    assert bench.main(["--protocol", "lowshot", "--n-train", "240", "--n-test", "120", "--dim", "32", "--classes", "4",
+                       "--costs", "0.1,10", "--k-values", "1,4", "--samples", "2", "--solvers", "sklearn,torch"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "low-shot k=1,4 x 2 samples x 2 costs" in out[0]
+    res = json.loads(out[-1])
+    assert res["protocol"] == "lowshot" and res["k_values"] == [1, 4] and res["samples"] == 2
+    ref, new = res["sklearn_mAP_per_k"], res["torch_mAP_per_k"]
+    assert set(ref) == set(new) == {"k1", "k4"}
+    # the reported figure is the largest gap over k of the mean-over-samples mAP at the chosen cost
+    assert res["abs_delta_mAP"] == pytest.approx(max(abs(ref[k] - new[k]) for k in ref))
+    assert res["abs_delta_mAP"] <= res["max_abs_delta_AP"] + 1e-9 or res["chosen_cost_differs"] > 0
+    assert res["abs_delta_mAP"] < 0.5 and res["torch_mAP"] == pytest.approx((new["k1"] + new["k4"]) / 2)
+    assert res["speedup"] == pytest.approx(res["sklearn_seconds"] / res["torch_seconds"])
