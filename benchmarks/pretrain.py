@@ -31,7 +31,8 @@ from pretrain.train import CONFIG_DIR, PretrainConfig, build_model, resolve_fast
 
 TARGET_RATIO = 2.5
 TARGET_PEAK_FRACTION = 0.75
-# What `mocobench pretrain` uses by default on this machine (the fast path only where bf16 is fast here).
+# What `mocobench pretrain` uses by default on this machine at 224 px (the "default" variant resolves it for the
+# benchmark's image size: the fast path only where bf16 is fast here, channels_last from 128 px on CPUs).
 _DEFAULTS = resolve_fast_path(PretrainConfig(), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 # name -> (amp, channels_last, torch.compile of the encoders); "fast" is the project's fast path (bf16 +
 # channels_last), "default" what training resolves to here (see pretrain.train.cpu_bf16_is_fast).
@@ -117,14 +118,16 @@ def run(variants: list[str], arch: str = "resnet50", batch_size: int = 32, size:
         steps: int = 2, warmup: int = 2, device: str | None = None, peak_sizes=(1024, 2048)) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = moco_v2_config(arch, batch_size, size)
+    default = resolve_fast_path(dataclasses.replace(cfg, amp=None, channels_last=None), dev)
+    table = {**VARIANTS, "default": (default.amp, default.channels_last, False)}
     runners = {}
     for name in variants:
-        amp, cl, comp = VARIANTS[name]
+        amp, cl, comp = table[name]
         runners[name] = StepRunner(cfg, amp, cl, dev, compile=comp)
         for _ in range(max(warmup, 1 if comp else 0)):  # the first compiled step compiles
             runners[name].step()
     # the same model and math in every variant: count on an eager one (compiled kernels are not seen)
-    eager = next((runners[n] for n in variants if not VARIANTS[n][2]), None)
+    eager = next((runners[n] for n in variants if not table[n][2]), None)
     per_step = step_flops(eager or StepRunner(cfg, False, False, dev))
     flops = {name: per_step for name in variants}
     timed = {name: (lambda r=r: rate(lambda: r.steps(steps))) for name, r in runners.items()}
@@ -136,8 +139,8 @@ def run(variants: list[str], arch: str = "resnet50", batch_size: int = 32, size:
     result = {"benchmark": "pretrain", "device": str(dev), "threads": torch.get_num_threads(), **cpu_features(),
               "arch": arch,
               "batch_size": batch_size, "image_size": size, "rounds": rounds, "steps_per_round": steps,
-              "variants": {name: {"amp": VARIANTS[name][0], "channels_last": VARIANTS[name][1],
-                                  "compile": VARIANTS[name][2],
+              "variants": {name: {"amp": table[name][0], "channels_last": table[name][1],
+                                  "compile": table[name][2],
                                   "img_s": round(img_s[name], 3),
                                   "gflop_per_img": round(flops[name] / batch_size / 1e9, 3),
                                   "tflop_s": round(img_s[name] * flops[name] / batch_size / 1e12, 4)}
@@ -168,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 px images, 3 rounds")
     parser.add_argument("--variants", default="official,fast",
-                        help=f"comma-separated, from {', '.join(VARIANTS)} (fast = the training defaults: "
-                             f"amp={_DEFAULTS.amp}, channels_last={_DEFAULTS.channels_last})")
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (fast = bf16 + channels_last; default = "
+                             f"what training resolves to here, at 224 px amp={_DEFAULTS.amp}, "
+                             f"channels_last={_DEFAULTS.channels_last})")
     parser.add_argument("--arch", default="resnet50", help="backbone (pretrain.backbones name)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per step (one rank's share)")
     parser.add_argument("--size", type=int, default=None, help="image size (default 224, quick 64)")

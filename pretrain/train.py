@@ -37,6 +37,7 @@ from pretrain.moco import MoCo
 from results.records import now_iso, write_metrics
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+CPU_CHANNELS_LAST_MIN_SIZE = 128  # fp32 on CPUs without fast bf16: channels_last pays from here (resolve_fast_path)
 
 
 
@@ -72,7 +73,8 @@ class PretrainConfig:
     seed: int = option(0, "random seed (fixed by default so runs resume exactly)")
     amp: Optional[bool] = option(None, "mixed precision true/false: bf16 autocast on CPU, bf16/fp16 AMP on GPU; "
                                    "unset = on for GPUs and for CPUs with fast bf16 (cpu_bf16_is_fast)")
-    channels_last: Optional[bool] = option(None, "channels_last memory format true/false; unset = with amp")
+    channels_last: Optional[bool] = option(None, "channels_last memory format true/false; unset = with amp, and on "
+                                                 f"CPUs from {CPU_CHANNELS_LAST_MIN_SIZE} px (resolve_fast_path)")
     strict_data: bool = option(False, "make an unreadable image fatal instead of skipping it")
     steps_per_epoch: int = option(0, "cap on steps per epoch (0 = full epoch); for smoke tests")
     print_freq: int = option(10, "log every N steps")
@@ -207,9 +209,12 @@ def cpu_bf16_is_fast() -> bool:
 
 
 def resolve_fast_path(cfg: PretrainConfig, device: torch.device) -> PretrainConfig:
-    """Fill unset `amp` / `channels_last`: both on for GPUs and fast-bf16 CPUs, else the fp32 NCHW recipe."""
+    """Fill unset `amp` / `channels_last`: both on for GPUs and fast-bf16 CPUs. Elsewhere fp32, channels_last
+    from CPU_CHANNELS_LAST_MIN_SIZE px: fp32 channels_last measured 1.27-1.51x over NCHW at 224 px and
+    1.06-1.24x at 128 px, but 0.91x at 64 px, on a Xeon VM without fast bf16 (docs/performance.md)."""
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda" or (device.type == "cpu" and cpu_bf16_is_fast())
-    channels_last = cfg.channels_last if cfg.channels_last is not None else amp
+    channels_last = cfg.channels_last if cfg.channels_last is not None else \
+        amp or (device.type == "cpu" and cfg.image_size >= CPU_CHANNELS_LAST_MIN_SIZE)
     return dataclasses.replace(cfg, amp=amp, channels_last=channels_last)
 
 

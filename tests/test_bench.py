@@ -222,10 +222,13 @@ def test_bench_loader_reports_ratio_and_output_statistics(capsys, tmp_path):
 def test_bench_pretrain_reports_ratio_flops_and_peaks(capsys):
     from benchmarks.cli import main
     assert main(["pretrain", "--arch", "resnet18_small", "--batch-size", "4", "--size", "16", "--rounds", "1",
-                 "--steps", "1", "--warmup", "0", "--variants", "official,fast", "--peak-sizes", "256"]) == 0
+                 "--steps", "1", "--warmup", "0", "--variants", "official,fast,default", "--peak-sizes", "256"]) == 0
     res = last_json(capsys.readouterr().out)
     off, fast = res["variants"]["official"], res["variants"]["fast"]
     assert (off["amp"], off["channels_last"]) == (False, False) and (fast["amp"], fast["channels_last"]) == (True, True)
+    from pretrain.train import cpu_bf16_is_fast  # "default" = what training resolves to at the bench's 16 px
+    assert (res["variants"]["default"]["amp"], res["variants"]["default"]["channels_last"]) == \
+        (torch.cuda.is_available() or cpu_bf16_is_fast(),) * 2
     assert res["ratio"] == pytest.approx(fast["img_s"] / off["img_s"], rel=0.01)  # one round: the plain ratio
     assert fast["speedup_vs_official"] == res["ratio"] and off["speedup_vs_official"] == 1.0
     assert off["gflop_per_img"] == fast["gflop_per_img"] > 0 and res["bf16_matmul_peak_tflop_s"] > 0

@@ -67,6 +67,23 @@ def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
         parse_config(PretrainConfig, ["--config", str(y)], "t", "t")
 
 
+def test_fast_path_resolves_per_device_and_image_size(monkeypatch):
+    import pretrain.train as train
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    resolve = lambda device, **kw: (lambda c: (c.amp, c.channels_last))(train.resolve_fast_path(PretrainConfig(**kw), device))
+    monkeypatch.setattr(train, "cpu_bf16_is_fast", lambda: False)
+    assert resolve(cpu, image_size=64) == (False, False)  # the official fp32 NCHW recipe
+    assert resolve(cpu, image_size=127) == (False, False)
+    assert resolve(cpu, image_size=128) == (False, True)  # fp32 channels_last from 128 px
+    assert resolve(cpu, image_size=224) == (False, True)
+    assert resolve(cpu, image_size=224, channels_last=False) == (False, False)  # a set value is kept
+    assert resolve(cpu, image_size=64, amp=True) == (True, True)
+    assert resolve(cuda, image_size=64) == (True, True)
+    monkeypatch.setattr(train, "cpu_bf16_is_fast", lambda: True)
+    assert resolve(cpu, image_size=64) == (True, True)
+    assert resolve(cpu, image_size=64, amp=False, channels_last=False) == (False, False)
+
+
 def test_queue_must_divide_batch(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match="moco_k=30 must be divisible by batch_size=8"):
         run(tiny_cfg(tiny_folder, tmp_path, moco_k=30))
