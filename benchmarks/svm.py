@@ -37,15 +37,16 @@ QUICK_K_VALUES = (1, 2, 4, 8, 16)
 
 
 def synthetic_voc(n_train: int, n_test: int, dim: int, classes: int = 20, seed: int = 0,
-                  difficult: float = 0.08, signal: float | None = None) -> dict[str, np.ndarray]:
+                  difficult: float = 0.08, signal: float | None = None, min_count: int = 0) -> dict[str, np.ndarray]:
     """VOC07-like multi-label features: non-negative (post-ReLU) float32 vectors that share a strong common
     direction and a low-rank nuisance, plus one prototype per present class; VOC07 class frequencies;
     a fraction `difficult` of the positives marked -1. Labels are N x C in {1, 0, -1}. The default class
     signal, 0.45 sqrt(1024 / dim), keeps the class separation (and so the mAP, ~85 with 1000 train images)
-    independent of the dimension."""
+    independent of the dimension. `min_count` raises the rarest classes' frequencies so that about that many
+    train images are positive (low-shot k = 96 needs 96 non-difficult positives; VOC07's rarest has 96)."""
     rng = np.random.default_rng(seed)
     signal = 0.45 * np.sqrt(1024 / dim) if signal is None else signal
-    freq = np.array([VOC07_TRAINVAL_COUNTS[c % 20] / 5011 for c in range(classes)])
+    freq = np.array([max(VOC07_TRAINVAL_COUNTS[c % 20] / 5011, min_count / n_train) for c in range(classes)])
     protos = rng.gamma(0.5, 1.0, size=(classes, dim)) * (rng.random((classes, dim)) < 0.3)
     rank = 64
     loading = rng.normal(size=(rank, dim)) / np.sqrt(np.arange(1, rank + 1))[:, None]
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--k-values must be comma-separated integers, got {args.k_values!r}")
         lowshot = {"k_values": k_values, "samples": args.samples}
+        if "features" not in data_spec:  # enough non-difficult positives for the largest k, with a margin
+            data_spec["min_count"] = int(1.25 * max(k_values) / (1 - 0.08)) + 1
         plan = f"low-shot k={','.join(map(str, k_values))} x {args.samples} samples x {n_costs} costs"
     else:
         plan = f"VOC07 protocol, {n_costs} costs x 3 folds"

@@ -21,6 +21,10 @@ def test_synthetic_voc_is_voc_like_and_seeded():
     again = bench.synthetic_voc(600, 300, 64, classes=20, seed=1)
     assert all(np.array_equal(d[k], again[k]) for k in d)
     assert not np.array_equal(d["train_feats"], bench.synthetic_voc(600, 300, 64, classes=20, seed=2)["train_feats"])
+    # min_count lifts the rare classes (low-shot k needs k clean positives per class), the frequent ones stay
+    lifted = bench.synthetic_voc(600, 300, 64, classes=20, seed=1, min_count=60)["train_labels"]
+    assert (lifted != 0).sum(0).min() > 40 and (y != 0).sum(0).min() < 20
+    assert abs((lifted[:, 14] != 0).mean() - present[14]) < 0.1
 
 
 def test_bench_runs_both_solvers_and_they_agree(capsys, tmp_path):
