@@ -196,11 +196,15 @@ def _direct_directions(Z: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, A: tor
     sizes = act.sum(1)
     order = torch.argsort((~act).to(torch.int8), dim=1, stable=True)  # active rows first
     out = torch.empty_like(W)
-    s_max = int(sizes.max())
-    chunk = max(1, max_bytes // max(1, s_max * s_max * torch.finfo(dtype).bits // 8))
-    for start in range(0, len(W), chunk):
-        sl = slice(start, start + chunk)
-        s = int(sizes[sl].max())
+    by_size = torch.argsort(sizes)  # chunks of problems with similar |S|: little padding
+    sorted_sizes, n_bytes = sizes[by_size].tolist(), torch.finfo(dtype).bits // 8
+    start = 0
+    while start < len(W):
+        end = start + 1  # grow the chunk while its padded systems fit in max_bytes
+        while end < len(W) and (end + 1 - start) * sorted_sizes[end] ** 2 * n_bytes <= max_bytes:
+            end += 1
+        sl, s = by_size[start:end], sorted_sizes[end - 1]
+        start = end
         valid = torch.arange(s, device=Z.device)[None, :] < sizes[sl, None]
         idx = torch.where(valid, order[sl, :s], order[sl, :1])  # pad with a real row, masked below
         M = K[idx[:, :, None], idx[:, None, :]].to(dtype)

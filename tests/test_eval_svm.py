@@ -287,3 +287,27 @@ def test_demo_end_to_end(checkpoints, which, tmp_path):
     assert ls["details"]["features"] == m["details"]["features"]  # one cached extraction serves both
     for k in (1, 4):
         assert 0 <= ls[f"k{k}/mAP_min"] <= ls[f"k{k}/mAP_mean"] <= ls[f"k{k}/mAP_max"] <= 100
+
+
+def test_exact_newton_directions_are_the_active_set_minimisers_whatever_the_chunking():
+    """`_direct_directions` against a hand solve per problem: on the active set S the quadratic's minimiser is
+    w+ = Z_S^T g with (K_SS + diag(1/2a_S)) g = y_S; problems of very different |S| chunked in any way agree."""
+    from evaluate.svm_solver import _direct_directions
+    gen = torch.Generator().manual_seed(0)
+    N, r, P = 40, 12, 5
+    Z = torch.randn(N, r, generator=gen, dtype=torch.float64)
+    K = Z @ Z.T
+    Y = torch.where(torch.rand(P, N, generator=gen) < 0.5, 1.0, -1.0).double()
+    A = torch.rand(P, N, generator=gen, dtype=torch.float64) * 3
+    for p, n_active in enumerate((40, 3, 25, 0, 9)):  # |S| from all rows to none
+        A[p, n_active:] = 0
+    W = torch.randn(P, r, generator=gen, dtype=torch.float64)
+    expected = []
+    for p in range(P):
+        S = (A[p] > 0).nonzero()[:, 0]
+        g = torch.linalg.solve(K[S][:, S] + torch.diag(0.5 / A[p, S]), Y[p, S]) if len(S) else torch.zeros(0).double()
+        expected.append(Z[S].T @ g - W[p])
+    expected = torch.stack(expected)
+    for max_bytes in (1 << 27, 8 * 9 * 9, 1):  # one chunk; chunks of similar |S|; one problem per chunk
+        got = _direct_directions(Z, K, Y, A, W, max_bytes=max_bytes)
+        assert torch.allclose(got, expected, atol=1e-10), max_bytes
