@@ -32,12 +32,13 @@ VOC07_TRAINVAL_COUNTS = (238, 243, 330, 181, 244, 186, 713, 337, 445, 141, 200, 
                          229, 261, 256)
 VOC07_SHAPE = {"n_train": 5011, "n_test": 4952, "dim": 8192, "classes": 20}
 QUICK_SHAPE = {"n_train": 1000, "n_test": 1000, "dim": 1024, "classes": 20}
+DIFFICULT = 0.08  # fraction of the synthetic positives marked difficult (-1), about VOC07's
 # low-shot k values: VISSL's all at VOC07 size; --quick stops where its rarest class runs out of positives
 QUICK_K_VALUES = (1, 2, 4, 8, 16)
 
 
 def synthetic_voc(n_train: int, n_test: int, dim: int, classes: int = 20, seed: int = 0,
-                  difficult: float = 0.08, signal: float | None = None, min_count: int = 0) -> dict[str, np.ndarray]:
+                  difficult: float = DIFFICULT, signal: float | None = None, min_count: int = 0) -> dict[str, np.ndarray]:
     """VOC07-like multi-label features: non-negative (post-ReLU) float32 vectors that share a strong common
     direction and a low-rank nuisance, plus one prototype per present class; VOC07 class frequencies;
     a fraction `difficult` of the positives marked -1. Labels are N x C in {1, 0, -1}. The default class
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--k-values must be comma-separated integers, got {args.k_values!r}")
         lowshot = {"k_values": k_values, "samples": args.samples}
         if "features" not in data_spec:  # enough non-difficult positives for the largest k, with a margin
-            data_spec["min_count"] = int(1.25 * max(k_values) / (1 - 0.08)) + 1
+            data_spec["min_count"] = int(1.25 * max(k_values) / (1 - DIFFICULT)) + 1
         plan = f"low-shot k={','.join(map(str, k_values))} x {args.samples} samples x {n_costs} costs"
     else:
         plan = f"VOC07 protocol, {n_costs} costs x 3 folds"
