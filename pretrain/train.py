@@ -166,11 +166,14 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, model: MoCo, optimizer, epoch: int, cfg: PretrainConfig, step: int,
-                    train_seconds: float = 0.0, keep: int = 0) -> Path:
-    """Official layout: epoch (epochs done), arch, state_dict with `module.` keys, optimizer; plus ours."""
+                    train_seconds: float = 0.0, keep: int = 0, rngs: list[dict] | None = None) -> Path:
+    """Official layout: epoch (epochs done), arch, state_dict with `module.` keys, optimizer; plus ours.
+
+    `rngs`: every rank's RNG state (rank order) for a multi-rank run; `rng` is always rank 0's (this one's)."""
     state = {"epoch": epoch + 1, "arch": cfg.arch,
              "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng_state(),
+             "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rngs[0] if rngs else rng_state(),
+             **({"rng_per_rank": rngs} if rngs and len(rngs) > 1 else {}),
              "global_step": step, "queue_ids": model.queue_ids.clone(), "train_seconds": train_seconds}
     path = atomic_save(state, out / f"checkpoint_{epoch:04d}.pth.tar")
     if keep > 0:
@@ -187,7 +190,10 @@ def load_for_resume(path: Path, model: MoCo, optimizer) -> tuple[int, int, float
     optimizer.load_state_dict(ckpt["optimizer"])
     if "queue_ids" in ckpt:
         model.queue_ids.copy_(ckpt["queue_ids"])
-    if "rng" in ckpt:
+    per_rank = ckpt.get("rng_per_rank") or []
+    if len(per_rank) == dist.world_size():  # each rank continues its own random stream
+        set_rng_state(per_rank[dist.rank()])
+    elif "rng" in ckpt:  # single-process run, or resumed with another world size
         set_rng_state(ckpt["rng"])
     return int(ckpt["epoch"]), int(ckpt.get("global_step", 0)), float(ckpt.get("train_seconds", 0.0))
 
@@ -366,9 +372,11 @@ def run(cfg: PretrainConfig) -> dict:
         log.record(epoch=epoch, step=step, epoch_loss=epoch_loss, epoch_acc1=epoch_acc)
         if bad_files:
             log.line(f"warning: {len(bad_files)} unreadable image(s) skipped so far, e.g. {next(iter(bad_files))}")
-        if main_rank and ((epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs):
-            save_checkpoint(out, model, optimizer, epoch, cfg, step, seconds_before + time.time() - t_start,
-                            cfg.keep_checkpoints)
+        if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs:
+            rngs = dist.all_gather_object(rng_state())  # every rank's, so a resume continues each exactly
+            if main_rank:
+                save_checkpoint(out, model, optimizer, epoch, cfg, step, seconds_before + time.time() - t_start,
+                                cfg.keep_checkpoints, rngs)
         dist.barrier()
 
     if end_epoch < cfg.epochs:  # paused on purpose: no metrics.json until the run is complete

@@ -140,6 +140,39 @@ def test_resume_is_exact(tiny_folder, straight_run, tmp_path):
     assert torch.equal(a["queue_ids"], b["queue_ids"])
 
 
+def _two_rank_run(rank, port, data, out, overrides):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    run(tiny_cfg(data, out, **overrides))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_rank_resume_continues_every_rank_exactly(tiny_folder, tmp_path):
+    """Each rank draws its own augmentations (workers=0: from its own RNG), so a resume must restore every
+    rank's RNG, not rank 0's on all: 2 epochs straight == 1 epoch + resume, bitwise, over 2 gloo ranks."""
+    import socket
+    import torch.multiprocessing as mp
+
+    def two_ranks(out, **overrides):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_two_rank_run, args=(port, str(tiny_folder), str(out), overrides), nprocs=2, join=True)
+
+    two_ranks(tmp_path / "straight", epochs=2)
+    two_ranks(tmp_path / "resumed", epochs=2, stop_after=1)
+    first = torch.load(tmp_path / "resumed" / "checkpoint_0000.pth.tar", weights_only=True)
+    assert len(first["rng_per_rank"]) == 2 and not torch.equal(*(r["torch"] for r in first["rng_per_rank"]))
+    two_ranks(tmp_path / "resumed", epochs=2)
+    a = torch.load(tmp_path / "straight" / "checkpoint_0001.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint_0001.pth.tar", weights_only=True)
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert torch.equal(a["queue_ids"], b["queue_ids"])
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_folder, tmp_path):
     run(tiny_cfg(tiny_folder, tmp_path, epochs=1))
     good = (tmp_path / "checkpoint_0000.pth.tar").read_bytes()
