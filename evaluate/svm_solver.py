@@ -181,70 +181,84 @@ def _line_search(wd, dd, xi, q, cost, iters: int = 40):
     return t
 
 
-def _direct_directions(Z: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, W: torch.Tensor,
-                       dtype: torch.dtype = torch.float64, max_bytes: int = 1 << 27) -> torch.Tensor:
+def padded_gram(K: torch.Tensor) -> torch.Tensor:
+    """K with one more row and column of zeros (index N): what `_direct_directions` gathers active sets from,
+    so a padding index needs no masking."""
+    n = len(K)
+    out = torch.zeros(n + 1, n + 1, dtype=K.dtype, device=K.device)
+    out[:n, :n] = K
+    return out
+
+
+def _spd_solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """x_b = M_b^-1 rhs_b for a batch of symmetric positive definite matrices: one Cholesky factorisation and
+    two triangular solves (on the CPU much cheaper than `cholesky_solve`)."""
+    L = torch.linalg.cholesky(M)
+    half = torch.linalg.solve_triangular(L, rhs[..., None], upper=False)
+    return torch.linalg.solve_triangular(L.mT, half, upper=True)[..., 0]
+
+
+def _direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, W: torch.Tensor,
+                       max_bytes: int = 1 << 27) -> torch.Tensor:
     """Exact Newton directions through the dual of the active set S (rows with a positive a = cost x violated).
 
     On a fixed S the objective is quadratic with minimiser w+ = Z_S^T g, (K_SS + diag(1/2a_S)) g = y_S
-    (K = Z Z^T), one Cholesky solve of size |S| instead of many CG steps; worth it when |S| is small, which
-    is where CG is slowest (large C: few margin violators, ill-conditioned Hessian). Problems are padded to
-    the largest |S| of a chunk (identity rows) and solved as one batch, in `dtype` (float64 by default: a
-    float32 factorisation is too inexact at large C for Newton to reach a tight tolerance); a
-    factorisation that fails in a lower precision is redone in float64.
+    (K = Z Z^T, given as `padded_gram(K)`), one Cholesky solve of size |S| instead of many CG steps; worth
+    it when |S| is small, which is where CG is slowest (large C: few margin violators, ill-conditioned
+    Hessian). Problems are sorted by |S|, padded to the largest |S| of a chunk (the zero row of Kpad, unit
+    diagonal) and solved in float64 (a float32 factorisation is too inexact at large C for Newton to reach
+    a tight tolerance).
     """
+    pad = len(Kpad) - 1
     act = A > 0
     sizes = act.sum(1)
-    order = torch.argsort((~act).to(torch.int8), dim=1, stable=True)  # active rows first
+    order = torch.argsort((~act).to(torch.int8), dim=1, stable=True)  # active rows first, in row order
     out = torch.empty_like(W)
     by_size = torch.argsort(sizes)  # chunks of problems with similar |S|: little padding
-    sorted_sizes, n_bytes = sizes[by_size].tolist(), torch.finfo(dtype).bits // 8
+    sorted_sizes = sizes[by_size].tolist()
     start = 0
     while start < len(W):
         end = start + 1  # grow the chunk while its padded systems fit in max_bytes
-        while end < len(W) and (end + 1 - start) * sorted_sizes[end] ** 2 * n_bytes <= max_bytes:
+        while end < len(W) and (end + 1 - start) * sorted_sizes[end] ** 2 * 8 <= max_bytes:
             end += 1
         sl, s = by_size[start:end], sorted_sizes[end - 1]
         start = end
+        if s == 0:  # nothing active: w+ = 0
+            out[sl] = -W[sl]
+            continue
         valid = torch.arange(s, device=Z.device)[None, :] < sizes[sl, None]
-        idx = torch.where(valid, order[sl, :s], order[sl, :1])  # pad with a real row, masked below
-        M = K[idx[:, :, None], idx[:, None, :]].to(dtype)
-        M.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
-        M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / A[sl].gather(1, idx), 1.0).to(dtype))
-        rhs = torch.where(valid, Y[sl].gather(1, idx), 0.0).to(dtype)[..., None]
-        L, info = torch.linalg.cholesky_ex(M)
-        bad = info != 0
-        if bool(bad.any()):  # float32 not enough for this conditioning
-            L = L.to(torch.float64)
-            L[bad] = torch.linalg.cholesky(M[bad].to(torch.float64))
-            rhs = rhs.to(torch.float64)
-        half = torch.linalg.solve_triangular(L, rhs, upper=False)  # two triangular solves: L L^T g = y
-        gamma = torch.linalg.solve_triangular(L.mT, half, upper=True)[..., 0].to(Z.dtype)
-        dual = torch.zeros(len(gamma), Z.shape[0], dtype=Z.dtype, device=Z.device)
-        dual.scatter_add_(1, idx, torch.where(valid, gamma, 0.0))
-        out[sl] = dual @ Z - W[sl]
+        idx = torch.where(valid, order[sl, :s], pad)
+        M = Kpad[idx[:, :, None], idx[:, None, :]].to(torch.float64)
+        M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / A[sl].gather(1, idx.clamp_max(pad - 1)), 1.0))
+        rhs = torch.where(valid, Y[sl].gather(1, idx.clamp_max(pad - 1)), 0.0).to(torch.float64)
+        gamma = _spd_solve(M, rhs).to(Z.dtype)
+        dual = torch.zeros(len(gamma), pad + 1, dtype=Z.dtype, device=Z.device)
+        dual.scatter_(1, idx, torch.where(valid, gamma, 0.0))
+        out[sl] = dual[:, :pad] @ Z - W[sl]
     return out
 
 
 def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
                  max_newton: int = 100, max_cg: int = 500, W0: torch.Tensor | None = None,
                  cg_dtype: torch.dtype | None = None, K: torch.Tensor | None = None,
-                 direct0: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo, torch.Tensor]:
+                 direct0: torch.Tensor | None = None, Z2: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, SolveInfo, torch.Tensor]:
     """Minimise 1/2|w_p|^2 + sum_i cost[p,i] max(0, 1 - labels[p,i] Z_i.w_p)^2 for every problem p.
 
     Z: (N, r) shared design; labels (P, N) +-1; cost (P, N) >= 0 (0 = row not in problem p's training
     set). Returns W (P, r). Newton directions come from preconditioned CG on the primal Hessian; given the
-    Gram matrix K = Z Z^T, a problem whose CG needs more steps than an exact dual solve of its active set
-    S would cost (|S|^3/3 flops against 4 N r per step) keeps its truncated-CG direction for that step and
+    Gram matrix K = Z Z^T (as `padded_gram(K)`), a problem whose CG needs more steps than an exact dual solve
+    of its active set S would cost (|S|^3/3 flops against 4 N r per step) keeps its truncated-CG direction for that step and
     switches to exact solves (`_direct_directions`): cheap CG for small C (nearly all rows active, well
     conditioned), Cholesky for large C (few active rows, ill-conditioned). An exact line search follows.
     A problem is done once |grad| <= tol * |grad at w=0|; done problems leave the batch. `direct0` marks
     problems that start with exact solves (warm starts whose predecessor ended with them); the same mask at
-    the end is returned third.
+    the end is returned third. `Z2` (= Z * Z, for the Jacobi preconditioner) may be passed in to reuse it.
     """
     P, N = labels.shape
     r = Z.shape[1]
     W_out = torch.zeros(P, r, dtype=Z.dtype, device=Z.device)
-    Z2 = Z * Z
+    Z2 = Z * Z if Z2 is None else Z2
     Zlow = Z.to(cg_dtype) if cg_dtype is not None else None
     cy_all = cost * labels
     g0 = (2 * (cy_all @ Z)).norm(dim=1)
@@ -339,7 +353,8 @@ class TorchSVM:
         # Gram matrix of the training rows, for exact Newton steps on small active sets (N x N floats)
         self.gram = None
         if self.n_train <= max_gram_rows:
-            self.gram = self.basis.gram if self.basis.gram is not None else self.basis.Z @ self.basis.Z.T
+            self.gram = padded_gram(self.basis.gram if self.basis.gram is not None else self.basis.Z @ self.basis.Z.T)
+            self.basis.gram = None
         self.info: list[SolveInfo] = []
 
     def _augment(self, feats: np.ndarray) -> torch.Tensor:
@@ -363,10 +378,13 @@ class TorchSVM:
         rows = np.flatnonzero(train_mask.any(0))
         rows_t = torch.as_tensor(rows, device=self.device)
         Z, sub = self.basis.Z[rows_t], None
-        K = self.gram[rows_t][:, rows_t] if self.gram is not None else None
+        K = None  # Gram matrix of these rows, padded for `_direct_directions`
+        if self.gram is not None:
+            K = self.gram if len(rows) == self.n_train else padded_gram(self.gram[rows_t][:, rows_t])
         if len(rows) < 0.9 * self.basis.rank:  # clearly fewer rows than dimensions: a basis of just those
             sub = Basis(Z)
             Z = sub.Z
+        Z2 = Z * Z
         y_all = np.where(labels[:, rows] > 0, 1.0, -1.0)
         c_all = problem_costs(labels[:, rows], train_mask[:, rows], costs)
         # solutions (in this call's basis) that later stages start from, and whether they ended with exact steps
@@ -385,7 +403,7 @@ class TorchSVM:
                                            device=self.device)
                 W, info, direct = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton,
                                                max_cg=self.max_cg, W0=W0, cg_dtype=self.cg_dtype, K=K,
-                                               direct0=direct0)
+                                               direct0=direct0, Z2=Z2)
                 self.info.append(info)
                 if info.converged < info.problems:
                     warnings.warn(f"TorchSVM: {info.problems - info.converged} of {info.problems} problems did "

@@ -238,6 +238,31 @@ def test_lowshot_reports_the_test_selected_cost_statistics():
     assert np.abs(ours - clf.decision_function(l2_normalize(x))).max() < 1e-3
 
 
+def test_lowshot_groups_the_samples_of_a_k_once_a_draw_spans_a_quarter_of_the_rows():
+    few, many = np.arange(4).reshape(2, 2), np.arange(12).reshape(2, 6)  # 4 and 12 of 40 rows
+    draws = {(1, 0): few, (1, 1): few, (8, 0): many, (8, 1): many + 20, (16, 0): many}
+    assert lowshot._solve_groups(draws, 40) == [[(1, 0)], [(1, 1)], [(8, 0), (8, 1)], [(16, 0)]]
+
+
+def test_lowshot_grouped_solves_give_the_per_draw_results(monkeypatch):
+    """Solving the samples of a k in one batched call changes nothing but the speed."""
+    x, y = blobs(300, 48, 3, seed=7)
+    xt, yt = blobs(150, 48, 3, seed=8)
+    opts = svm.SVMSolverOptions(costs=[0.1, 10.0])
+    calls = []
+    fit_scores = TorchSVM.fit_scores
+    monkeypatch.setattr(TorchSVM, "fit_scores", lambda self, *a, **kw: calls.append(len(a[0])) or fit_scores(self, *a, **kw))
+    run = lambda: lowshot.lowshot_svm(x, y, xt, yt, opts, k_values=(2, 16), n_samples=3, seed=0, progress=False)
+    grouped = run()
+    assert calls == [6, 6, 6, 18]  # k=2 draws (6 rows of 300) one by one; k=16 (up to 144 rows) together
+    calls.clear()
+    monkeypatch.setattr(lowshot, "_solve_groups", lambda draws, n: [[key] for key in draws])
+    single = run()
+    assert calls == [6] * 6
+    for k in (2, 16):
+        assert np.abs(grouped.test_map[k] - single.test_map[k]).max() < 1e-4
+
+
 # --- command line and end to end ------------------------------------------------------------------------
 def test_cli_on_a_features_file(tmp_path, capsys):
     from evaluate.cli import main
@@ -292,7 +317,7 @@ def test_demo_end_to_end(checkpoints, which, tmp_path):
 def test_exact_newton_directions_are_the_active_set_minimisers_whatever_the_chunking():
     """`_direct_directions` against a hand solve per problem: on the active set S the quadratic's minimiser is
     w+ = Z_S^T g with (K_SS + diag(1/2a_S)) g = y_S; problems of very different |S| chunked in any way agree."""
-    from evaluate.svm_solver import _direct_directions
+    from evaluate.svm_solver import _direct_directions, padded_gram
     gen = torch.Generator().manual_seed(0)
     N, r, P = 40, 12, 5
     Z = torch.randn(N, r, generator=gen, dtype=torch.float64)
@@ -309,5 +334,5 @@ def test_exact_newton_directions_are_the_active_set_minimisers_whatever_the_chun
         expected.append(Z[S].T @ g - W[p])
     expected = torch.stack(expected)
     for max_bytes in (1 << 27, 8 * 9 * 9, 1):  # one chunk; chunks of similar |S|; one problem per chunk
-        got = _direct_directions(Z, K, Y, A, W, max_bytes=max_bytes)
+        got = _direct_directions(Z, padded_gram(K), Y, A, W, max_bytes=max_bytes)
         assert torch.allclose(got, expected, atol=1e-10), max_bytes
