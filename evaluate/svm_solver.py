@@ -27,7 +27,9 @@ tests/test_eval_svm.py bounds the differences.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -190,16 +192,142 @@ def padded_gram(K: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _spd_solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """x_b = M_b^-1 rhs_b for a batch of symmetric positive definite matrices: one Cholesky factorisation and
-    two triangular solves (on the CPU much cheaper than `cholesky_solve`)."""
-    L = torch.linalg.cholesky(M)
+@dataclass
+class ActiveSetFactors:
+    """Factorised active-set systems of a chunk of problems, kept between Newton steps of one `newton_solve`
+    call (the costs, hence the diagonals, are fixed there): `idx` (b, s) the rows each was built on, padded
+    with the padding row N, and `L` (b, s, s) the lower Cholesky factors of K_SS + diag(1/2a_S) (unit rows
+    and columns at the padding). A problem refers to its factor as (chunk, position)."""
+    idx: torch.Tensor
+    L: torch.Tensor
+
+    def sizes(self, pad: int) -> torch.Tensor:
+        return (self.idx < pad).sum(1)
+
+
+def _mkl_potrf():
+    """LAPACK's dpotrf from the MKL inside torch's CPU library, or None (another BLAS, another platform)."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        fn = lib.dpotrf_
+    except (OSError, AttributeError):
+        return None
+    fn.restype = None
+    return fn
+
+
+_POTRF = _mkl_potrf()
+
+
+def cholesky_lower(M: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factors of a batch of SPD matrices (b, s, s), for `torch.linalg.solve_triangular`.
+
+    On the CPU in float64 the factorisation runs in place in M (which it overwrites) through LAPACK's dpotrf,
+    and the factor is returned as a transposed view whose other triangle still holds M: triangular solves
+    never read it. That skips torch's copy of M and its zeroing of the upper triangle, which together cost
+    more than the factorisation itself (2.3x faster at 16 x 900 x 900). Elsewhere: torch.linalg.cholesky.
+    """
+    if _POTRF is None or M.device.type != "cpu" or M.dtype != torch.float64 or not M.is_contiguous():
+        return torch.linalg.cholesky(M)
+    b, s, _ = M.shape
+    uplo, n, info = ctypes.c_char(b"L"), ctypes.c_int(s), ctypes.c_int(0)
+    base, stride = M.data_ptr(), M.stride(0) * M.element_size()
+    for i in range(b):  # column-major view of a symmetric row-major matrix: the same matrix
+        _POTRF(ctypes.byref(uplo), ctypes.byref(n), ctypes.c_void_p(base + i * stride), ctypes.byref(n),
+               ctypes.byref(info))
+        if info.value:
+            raise torch.linalg.LinAlgError(f"cholesky: matrix {i} of the batch is not positive definite "
+                                           f"(leading minor of order {info.value})")
+    return M.mT
+
+
+def _refactored_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, sizes: torch.Tensor,
+                      order: torch.Tensor, s: int):
+    """Dual solutions g (b, N+1; column N is padding) of b active-set systems, each by a fresh Cholesky
+    factorisation of its K_SS + diag(1/2a_S) (padded to s rows with decoupled unit rows), and the factors."""
+    pad = len(Kpad) - 1
+    valid = torch.arange(s, device=Kpad.device)[None, :] < sizes[:, None]
+    idx = torch.where(valid, order[:, :s], pad)
+    M = Kpad[idx[:, :, None], idx[:, None, :]].to(torch.float64)
+    M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / A.gather(1, idx.clamp_max(pad - 1)), 1.0))
+    rhs = torch.where(valid, Y.gather(1, idx.clamp_max(pad - 1)), 0.0).to(torch.float64)
+    L = cholesky_lower(M)
     half = torch.linalg.solve_triangular(L, rhs[..., None], upper=False)
-    return torch.linalg.solve_triangular(L.mT, half, upper=True)[..., 0]
+    gamma = torch.linalg.solve_triangular(L.mT, half, upper=True)[..., 0]
+    dual = torch.zeros(len(idx), pad + 1, dtype=gamma.dtype, device=Kpad.device)
+    dual.scatter_(1, idx, torch.where(valid, gamma, 0.0))
+    return dual, ActiveSetFactors(idx, L)
+
+
+def _updated_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, F: ActiveSetFactors):
+    """Dual solutions g (b, N+1) of b active-set systems from the Cholesky factors of earlier, slightly different
+    active sets (same costs), or None if a small system below is not numerically positive definite.
+
+    With R = the factor's rows, S = the current active set, Add = S \\ R and Drop = R \\ S: the system on
+    U = R + Add is bordered, M_U = [[M_R, B], [B^T, M_AA]], whose factor is [[L, 0], [W^T, L_A]] with W = L^-1 B
+    and L_A = chol(M_AA - W^T W); then g = M_U^-1 (y_U + E_D mu) with g_Drop = 0 fixes the multipliers
+    mu = -(E_D^T M_U^-1 E_D)^-1 E_D^T M_U^-1 y_U. Triangular solves with |Add| + 2 |Drop| + 2 columns and
+    a few small systems replace a gather and a Cholesky of |S| x |S| (~|S|/3 columns' worth of flops).
+    """
+    pad, dev = len(Kpad) - 1, Kpad.device
+    L, ref = F.L, F.idx
+    b, m = ref.shape
+    ref_valid = ref < pad
+    active = torch.cat([A > 0, torch.zeros(b, 1, dtype=torch.bool, device=dev)], 1)  # (b, N+1)
+    drop = ref_valid & ~active.gather(1, ref)
+    in_ref = torch.zeros_like(active).scatter_(1, ref, ref_valid)
+    add = active & ~in_ref
+    n_add, n_drop = add.sum(1), drop.sum(1)
+    amax, dmax = int(n_add.max()), int(n_drop.max())
+    valid_a = torch.arange(amax, device=dev)[None, :] < n_add[:, None]
+    add_idx = torch.where(valid_a, torch.argsort((~add).to(torch.int8), dim=1, stable=True)[:, :amax], pad)
+    valid_d = torch.arange(dmax, device=dev)[None, :] < n_drop[:, None]
+    drop_pos = torch.argsort((~drop).to(torch.int8), dim=1, stable=True)[:, :dmax]  # positions in R
+    y_ref = torch.where(ref_valid, Y.gather(1, ref.clamp_max(pad - 1)), 0.0).to(torch.float64)
+    y_add = torch.where(valid_a, Y.gather(1, add_idx.clamp_max(pad - 1)), 0.0).to(torch.float64)
+
+    # right-hand sides: y_U, then the unit vectors of the dropped rows
+    R1 = torch.zeros(b, m, 1 + dmax, dtype=torch.float64, device=dev)
+    R1[:, :, 0] = y_ref
+    R1[:, :, 1:].scatter_(1, drop_pos[:, None, :], valid_d[:, None, :].to(torch.float64))
+    X1 = torch.linalg.solve_triangular(L, R1, upper=False)
+    if amax:
+        B = Kpad[ref[:, :, None], add_idx[:, None, :]].to(torch.float64)
+        Maa = Kpad[add_idx[:, :, None], add_idx[:, None, :]].to(torch.float64)
+        Maa.diagonal(dim1=1, dim2=2).add_(torch.where(valid_a, 0.5 / A.gather(1, add_idx.clamp_max(pad - 1)), 1.0))
+        Wb = torch.linalg.solve_triangular(L, B, upper=False)
+        La, info = torch.linalg.cholesky_ex(Maa - Wb.mT @ Wb)
+        if bool((info != 0).any()):
+            return None
+        R2 = torch.zeros(b, amax, 1 + dmax, dtype=torch.float64, device=dev)
+        R2[:, :, 0] = y_add
+        X2 = torch.linalg.solve_triangular(La, R2 - Wb.mT @ X1, upper=False)
+        Z2 = torch.linalg.solve_triangular(La.mT, X2, upper=True)
+        X1 = X1 - Wb @ Z2
+    Z1 = torch.linalg.solve_triangular(L.mT, X1, upper=True)
+    g1 = Z1[:, :, 0]
+    g2 = Z2[:, :, 0] if amax else None
+    if dmax:  # multipliers that make g vanish on the dropped rows
+        eye = torch.eye(dmax, dtype=torch.bool, device=dev)
+        both = valid_d[:, :, None] & valid_d[:, None, :]
+        G = torch.where(both, Z1[:, :, 1:].gather(1, drop_pos[:, :, None].expand(b, dmax, dmax)), eye.double())
+        Lg, info = torch.linalg.cholesky_ex(G)
+        if bool((info != 0).any()):
+            return None
+        rhs = torch.where(valid_d, -g1.gather(1, drop_pos), 0.0)
+        mu = torch.cholesky_solve(rhs[..., None], Lg)
+        g1 = g1 + (Z1[:, :, 1:] @ mu)[..., 0]
+        if amax:
+            g2 = g2 + (Z2[:, :, 1:] @ mu)[..., 0]
+    dual = torch.zeros(b, pad + 1, dtype=torch.float64, device=dev)
+    dual.scatter_(1, ref, torch.where(ref_valid & ~drop, g1, 0.0))
+    if amax:
+        dual.scatter_(1, add_idx, torch.where(valid_a, g2, 0.0))
+    return dual
 
 
 def _direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, W: torch.Tensor,
-                       max_bytes: int = 1 << 27) -> torch.Tensor:
+                       factors: list | None = None, max_bytes: int = 1 << 27, update_ratio: float = 2.0):
     """Exact Newton directions through the dual of the active set S (rows with a positive a = cost x violated).
 
     On a fixed S the objective is quadratic with minimiser w+ = Z_S^T g, (K_SS + diag(1/2a_S)) g = y_S
@@ -208,34 +336,69 @@ def _direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: 
     Hessian). Problems are sorted by |S|, padded to the largest |S| of a chunk (the zero row of Kpad, unit
     diagonal) and solved in float64 (a float32 factorisation is too inexact at large C for Newton to reach
     a tight tolerance).
+
+    `factors` holds, per problem, None or the (ActiveSetFactors, position) of its factorisation at an
+    earlier Newton step of the same costs. A chunk whose active sets all moved little from those rows is
+    solved by updating the factors (`_updated_duals`: triangular solves with |Add| + 2|Drop| + 2 columns,
+    used while that is at most `update_ratio` x the |S|/3 columns' worth of a new Cholesky), the others
+    are refactorised. Returns the directions and each problem's factor reference for the next step.
     """
     pad = len(Kpad) - 1
     act = A > 0
     sizes = act.sum(1)
-    order = torch.argsort((~act).to(torch.int8), dim=1, stable=True)  # active rows first, in row order
-    out = torch.empty_like(W)
-    by_size = torch.argsort(sizes)  # chunks of problems with similar |S|: little padding
-    sorted_sizes = sizes[by_size].tolist()
-    start = 0
-    while start < len(W):
-        end = start + 1  # grow the chunk while its padded systems fit in max_bytes
-        while end < len(W) and (end + 1 - start) * sorted_sizes[end] ** 2 * 8 <= max_bytes:
-            end += 1
-        sl, s = by_size[start:end], sorted_sizes[end - 1]
-        start = end
-        if s == 0:  # nothing active: w+ = 0
-            out[sl] = -W[sl]
+    factors = list(factors) if factors is not None else [None] * len(W)
+    dual = torch.zeros(len(W), pad + 1, dtype=torch.float64, device=Z.device)
+    refactor = [True] * len(W)
+    chunks: dict[int, list[int]] = {}  # factor chunk -> the problems that refer to it
+    for p, ref in enumerate(factors):
+        if ref is not None:
+            chunks.setdefault(id(ref[0]), []).append(p)
+    for members in chunks.values():
+        F = factors[members[0]][0]
+        pos = torch.tensor([factors[p][1] for p in members], device=Z.device)
+        sel = torch.tensor(members, device=Z.device)
+        ref = F.idx[pos]
+        ref_valid = ref < pad
+        act_pad = torch.cat([act[sel], torch.zeros(len(sel), 1, dtype=torch.bool, device=Z.device)], 1)
+        kept = (act_pad.gather(1, ref) & ref_valid).sum(1)
+        n_drop = ref_valid.sum(1) - kept
+        cols = (sizes[sel] - kept) + 2 * n_drop + 2
+        near = (cols * 3 <= update_ratio * sizes[sel]) & (sizes[sel] > 0)  # the others are refactorised
+        if not bool(near.any()):
             continue
-        valid = torch.arange(s, device=Z.device)[None, :] < sizes[sl, None]
-        idx = torch.where(valid, order[sl, :s], pad)
-        M = Kpad[idx[:, :, None], idx[:, None, :]].to(torch.float64)
-        M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / A[sl].gather(1, idx.clamp_max(pad - 1)), 1.0))
-        rhs = torch.where(valid, Y[sl].gather(1, idx.clamp_max(pad - 1)), 0.0).to(torch.float64)
-        gamma = _spd_solve(M, rhs).to(Z.dtype)
-        dual = torch.zeros(len(gamma), pad + 1, dtype=Z.dtype, device=Z.device)
-        dual.scatter_(1, idx, torch.where(valid, gamma, 0.0))
-        out[sl] = dual[:, :pad] @ Z - W[sl]
-    return out
+        if bool(near.all()) and len(members) == len(F.idx) and \
+                bool((pos == torch.arange(len(F.idx), device=Z.device)).all()):
+            sub = F  # the whole chunk, in its order: no copy of the factors
+        else:
+            pos, sel, ref = pos[near], sel[near], ref[near]
+            sub = ActiveSetFactors(ref, F.L[pos])
+        got = _updated_duals(Kpad, Y[sel], A[sel], sub)
+        if got is not None:
+            dual[sel] = got
+            for p in sel.tolist():
+                refactor[p] = False
+    todo = torch.tensor([p for p in range(len(W)) if refactor[p]], dtype=torch.long, device=Z.device)
+    if len(todo):
+        order = torch.argsort((~act[todo]).to(torch.int8), dim=1, stable=True)  # active rows first, in row order
+        by_size = torch.argsort(sizes[todo])  # chunks of problems with similar |S|: little padding
+        sorted_sizes = sizes[todo][by_size].tolist()
+        start = 0
+        while start < len(todo):
+            end = start + 1  # grow the chunk while its padded systems fit in max_bytes
+            while end < len(todo) and (end + 1 - start) * sorted_sizes[end] ** 2 * 8 <= max_bytes:
+                end += 1
+            sl, s = by_size[start:end], sorted_sizes[end - 1]
+            start = end
+            rows = todo[sl]
+            if s == 0:  # nothing active: w+ = 0
+                for p in rows.tolist():
+                    factors[p] = None
+                continue
+            d, F = _refactored_duals(Kpad, Y[rows], A[rows], sizes[rows], order[sl], s)
+            dual[rows] = d
+            for i, p in enumerate(rows.tolist()):
+                factors[p] = (F, i)
+    return dual[:, :pad].to(Z.dtype) @ Z - W, factors
 
 
 def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
@@ -268,6 +431,7 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     Y, C, CY, G0 = labels, cost, cy_all, g0
     direct = torch.zeros(P, dtype=torch.bool, device=Z.device) if direct0 is None or K is None else direct0.clone()
     direct_out = direct.clone()  # switched to exact solves
+    factors: list = [None] * P  # each problem's last active-set factorisation (exact steps)
     newton = cg_total = 0
     converged = torch.zeros(P, dtype=torch.bool, device=Z.device)
     for newton in range(1, max_newton + 1):
@@ -283,12 +447,16 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
             keep = ~done
             idx, W, O, Y, C, CY, G0, G, gn, xi, direct = (
                 a[keep] for a in (idx, W, O, Y, C, CY, G0, G, gn, xi, direct))
+            factors = [f for f, k in zip(factors, keep.tolist()) if k]
             if idx.numel() == 0:
                 break
         A = C * (xi > 0)
         D = torch.empty_like(W)
         if bool(direct.any()):
-            D[direct] = _direct_directions(Z, K, Y[direct], A[direct], W[direct])
+            rows = direct.nonzero()[:, 0].tolist()
+            D[direct], fs = _direct_directions(Z, K, Y[direct], A[direct], W[direct], [factors[p] for p in rows])
+            for p, f in zip(rows, fs):
+                factors[p] = f
         if not bool(direct.all()):
             it = ~direct
             Acg = A[it]
@@ -315,6 +483,73 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     return W_out, SolveInfo(newton, cg_total, int(converged.sum()), P), direct_out
 
 
+def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
+                        max_newton: int = 100, B0: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, SolveInfo]:
+    """`newton_solve` for problems that each train on few rows, in the coefficients of their own rows.
+
+    Problem p trains on n rows R_p (padding rows have cost 0) with Gram matrix K[p] = Z_Rp Z_Rp^T (P, n, n);
+    every iterate is w_p = Z_Rp^T beta_p, the optimum's form, so scores are K beta, |w|^2 = beta^T K beta,
+    and the gradient Z_Rp^T (beta - 2 c y (1 - y K beta)_+) has norm^2 u^T K u. Each step is the exact
+    active-set step of `_direct_directions` (a Cholesky of |S| <= n rows, gathered from the problem's own
+    K) and the same exact line search; nothing costs more than n^2 per problem but the factorisation,
+    where the shared-basis solver's matrix products cost (rows of all problems) x rank. Returns beta (P, n).
+    """
+    P, n = labels.shape
+    dev = K.device
+    B_out = torch.zeros(P, n, dtype=K.dtype, device=dev)
+    B = B_out.clone() if B0 is None else B0.clone()
+    O = (K @ B[..., None])[..., 0]
+    CY = cost * labels
+    G0 = (4 * (CY * (K @ CY[..., None])[..., 0]).sum(1)).clamp_min(0).sqrt()
+    idx = torch.arange(P, device=dev)
+    live = torch.ones(P, dtype=torch.bool, device=dev)  # not yet converged
+    Y, C = labels, cost
+    converged = torch.zeros(P, dtype=torch.bool, device=dev)
+    newton = 0
+    for newton in range(1, max_newton + 1):
+        xi = 1 - Y * O
+        U = B - 2 * CY * xi.clamp_min(0)
+        gn = (U * (K @ U[..., None])[..., 0]).sum(1).clamp_min(0).sqrt()
+        done = live & (gn <= tol * G0)
+        if bool(done.any()):
+            B_out[idx[done]] = B[done]
+            converged[idx[done]] = True
+            live &= ~done
+            if not bool(live.any()):
+                break
+            if 2 * int(live.sum()) <= len(live):  # compact once half are done (K is the big copy)
+                idx, B, O, Y, C, CY, G0, xi, K, live = (a[live] for a in (idx, B, O, Y, C, CY, G0, xi, K, live))
+        A = C * (xi > 0) * live[:, None]
+        act = A > 0
+        sizes = act.sum(1)
+        s = int(sizes.max())
+        target = torch.zeros_like(B)
+        if s:
+            go = (sizes > 0).nonzero()[:, 0]
+            order = torch.argsort((~act[go]).to(torch.int8), dim=1, stable=True)[:, :s]
+            valid = torch.arange(s, device=dev)[None, :] < sizes[go, None]
+            sel = torch.where(valid, order, 0)
+            M = K[go[:, None, None], sel[:, :, None], sel[:, None, :]].to(torch.float64)
+            M = torch.where(valid[:, :, None] & valid[:, None, :], M, 0.0)
+            M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / A[go].gather(1, sel), 1.0))
+            rhs = torch.where(valid, Y[go].gather(1, sel), 0.0).to(torch.float64)
+            L = cholesky_lower(M.contiguous())
+            g = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs[..., None], upper=False),
+                                              upper=True)[..., 0]
+            full = torch.zeros(len(go), n, dtype=torch.float64, device=dev)
+            full.scatter_add_(1, sel, torch.where(valid, g, 0.0))
+            target[go] = full.to(B.dtype)
+        Dir = torch.where(live[:, None], target - B, 0.0)
+        KD = (K @ Dir[..., None])[..., 0]
+        t = _line_search((B * KD).sum(1), (Dir * KD).sum(1), xi, Y * KD, C)
+        B = B + t[:, None] * Dir
+        O = O + t[:, None] * KD
+    if bool(live.any()):
+        B_out[idx[live]] = B[live]
+    return B_out, SolveInfo(newton, 0, int(converged.sum()), P)
+
+
 # precision name -> (dtype of the Newton iterates and gradients, dtype of the inner CG solves or None = same)
 # (An all-float32 mode is not offered: its gradients and line searches cannot reach tol=1e-6.)
 PRECISIONS = {"float64": (torch.float64, None), "mixed": (torch.float64, torch.float32)}
@@ -336,13 +571,15 @@ class TorchSVM:
 
     def __init__(self, train: np.ndarray, evals: Mapping[str, np.ndarray] | None = None, device: str = "cpu",
                  precision: str = "float64", tol: float = 1e-6, max_newton: int = 100, max_cg: int = 500,
-                 batch_size: int = 1024, warm_start: bool = True, max_gram_rows: int = 20000):
+                 batch_size: int = 1024, warm_start: bool = True, max_gram_rows: int = 20000,
+                 kernel_rows: int = 400):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
         self.warm_start = warm_start
         self.dtype, self.cg_dtype = PRECISIONS[precision]
         self.tol, self.max_newton, self.max_cg, self.batch_size = tol, max_newton, max_cg, batch_size
+        self.kernel_rows = kernel_rows
         self.n_train = len(train)
         aug = self._augment(train)
         self.basis = Basis(aug)
@@ -375,6 +612,8 @@ class TorchSVM:
         if unknown:
             raise KeyError(f"no evaluation matrix named {unknown}; have {sorted(self.projected)}")
         out = {e: np.empty((len(labels), len(self.projected[e]))) for e in evals}
+        if self.gram is not None and int(train_mask.sum(1).max()) <= self.kernel_rows:
+            return self._fit_kernel(labels, train_mask, costs, evals, out, progress)
         rows = np.flatnonzero(train_mask.any(0))
         rows_t = torch.as_tensor(rows, device=self.device)
         Z, sub = self.basis.Z[rows_t], None
@@ -412,6 +651,58 @@ class TorchSVM:
                 W_full = W @ sub.V.T if sub is not None else W  # back to the full basis' coordinates
                 for e in evals:
                     out[e][ids] = (self.projected[e] @ W_full.T).T.cpu().numpy()
+                if progress is not None:
+                    progress.update(len(ids))
+        return out
+
+
+    def _fit_kernel(self, labels, train_mask, costs, evals, out, progress) -> dict[str, np.ndarray]:
+        """`fit_scores` when every problem trains on at most `kernel_rows` rows (low-shot k <= 16 at VOC07
+        size): each problem in the coefficients of its own rows (`kernel_newton_solve`), its Gram matrix
+        gathered from the training Gram matrix, instead of matrix products over every row of the call."""
+        n_rows = train_mask.sum(1)
+        n, pad = int(n_rows.max()), self.n_train  # index n_train: the zero row of the padded Gram matrix
+        order = np.argsort(~train_mask, axis=1, kind="stable")[:, :n]
+        valid = np.arange(n)[None, :] < n_rows[:, None]
+        R = np.where(valid, order, pad)
+        take = np.minimum(R, pad - 1)
+        y_all = np.where(np.take_along_axis(labels, take, 1) > 0, 1.0, -1.0)
+        c_all = problem_costs(np.take_along_axis(labels, take, 1), valid, costs)
+        R_t = torch.as_tensor(R, device=self.device)
+        stages = _cost_chains(np.where(labels > 0, 1.0, -1.0), train_mask, costs)
+        # one Gram matrix per chain (its problems share their rows), gathered once
+        root = {p: i for i, (p, _) in enumerate(stages[0])}
+        first = R_t[[p for p, _ in stages[0]]]
+        K_chain = self.gram[first[:, :, None], first[:, None, :]]
+        warm: dict[int, torch.Tensor] = {}
+        for stage in stages:
+            for p, prev in stage:
+                if prev is not None:
+                    root[p] = root[prev]
+            for start in range(0, len(stage), self.batch_size):
+                batch = stage[start:start + self.batch_size]
+                ids = [p for p, _ in batch]
+                rows = R_t[ids]
+                at = [root[p] for p in ids]
+                K = K_chain if at == list(range(len(K_chain))) else K_chain[at]
+                y = torch.as_tensor(y_all[ids], dtype=self.dtype, device=self.device)
+                c = torch.as_tensor(c_all[ids], dtype=self.dtype, device=self.device)
+                B0 = None
+                if self.warm_start and any(prev is not None for _, prev in batch):
+                    B0 = torch.stack([warm[prev] if prev is not None else torch.zeros(n, dtype=self.dtype,
+                                                                                    device=self.device)
+                                      for _, prev in batch])
+                beta, info = kernel_newton_solve(K, y, c, tol=self.tol, max_newton=self.max_newton, B0=B0)
+                self.info.append(info)
+                if info.converged < info.problems:
+                    warnings.warn(f"TorchSVM: {info.problems - info.converged} of {info.problems} problems did "
+                                  f"not reach tol={self.tol} in {self.max_newton} Newton steps", RuntimeWarning)
+                warm.update({p: beta[i] for i, p in enumerate(ids)})
+                coef = torch.zeros(len(ids), pad + 1, dtype=self.dtype, device=self.device)
+                coef.scatter_(1, rows, beta)
+                W = coef[:, :pad] @ self.basis.Z  # w = Z_R^T beta, in the basis' coordinates
+                for e in evals:
+                    out[e][ids] = (self.projected[e] @ W.T).T.cpu().numpy()
                 if progress is not None:
                     progress.update(len(ids))
         return out

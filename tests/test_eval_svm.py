@@ -150,10 +150,12 @@ def test_cv_picks_the_right_cost(make, best):
 
 
 # --- the solvers ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel_rows", [0, 10**6])  # the shared-basis Newton solver / each problem's own rows
 @pytest.mark.parametrize("n,d", [(120, 40), (60, 150)])  # PCA basis (d < n) and Gram eigenbasis (d > n)
-def test_torch_solver_reaches_the_liblinear_optimum(n, d):
+def test_torch_solver_reaches_the_liblinear_optimum(n, d, kernel_rows):
     """Per problem (incl. training subsets and a small-row sub-basis), the torch solution scores like
-    LinearSVC's and its primal objective is never worse (it is the optimum LinearSVC approaches)."""
+    LinearSVC's and its primal objective is never worse (it is the optimum LinearSVC approaches), whether
+    solved in the shared basis or in the coefficients of each problem's own rows (`kernel_newton_solve`)."""
     x, y = blobs(n, d, 3, seed=1)
     x = l2_normalize(x)
     t = svm.train_targets(y)
@@ -163,7 +165,9 @@ def test_torch_solver_reaches_the_liblinear_optimum(n, d):
     mask = np.ones_like(labels, dtype=bool)
     mask[2::3, : n // 3] = False  # some problems train on a subset
     mask[1::3, n // 4:] = False  # a few rows only: the sub-basis path
-    ours = TorchSVM(x, {"other": x[:7]}).fit_scores(labels, mask, cost, ("train", "other"))
+    solver = TorchSVM(x, {"other": x[:7]}, kernel_rows=kernel_rows)
+    ours = solver.fit_scores(labels, mask, cost, ("train", "other"))
+    assert solver.info and all(i.converged == i.problems for i in solver.info)
     ref = SklearnSVM(x, {"other": x[:7]}, max_iter=100000).fit_scores(labels, mask, cost, ("train", "other"))
     xa = np.hstack([x, np.ones((n, 1))])
     for p in range(len(labels)):
@@ -334,5 +338,65 @@ def test_exact_newton_directions_are_the_active_set_minimisers_whatever_the_chun
         expected.append(Z[S].T @ g - W[p])
     expected = torch.stack(expected)
     for max_bytes in (1 << 27, 8 * 9 * 9, 1):  # one chunk; chunks of similar |S|; one problem per chunk
-        got = _direct_directions(Z, padded_gram(K), Y, A, W, max_bytes=max_bytes)
+        got, _ = _direct_directions(Z, padded_gram(K), Y, A, W, max_bytes=max_bytes)
         assert torch.allclose(got, expected, atol=1e-10), max_bytes
+
+
+def _active_set_directions(Z, K, Y, A, W):
+    """Hand solve of each problem's active-set system (the reference for the exact directions)."""
+    out = []
+    for p in range(len(W)):
+        S = (A[p] > 0).nonzero()[:, 0]
+        g = torch.linalg.solve(K[S][:, S] + torch.diag(0.5 / A[p, S]), Y[p, S]) if len(S) else torch.zeros(0).double()
+        out.append(Z[S].T @ g - W[p])
+    return torch.stack(out)
+
+
+def test_in_place_cholesky_solves_like_torch_and_rejects_indefinite_matrices():
+    """`cholesky_lower` (LAPACK in place, the other triangle left as it was) gives the same triangular solves
+    as torch.linalg.cholesky, and a matrix that is not positive definite is an error, not a silent result."""
+    from evaluate.svm_solver import cholesky_lower
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(3, 30, 50, generator=gen, dtype=torch.float64)
+    M = X @ X.mT + 0.1 * torch.eye(30, dtype=torch.float64)
+    rhs = torch.randn(3, 30, 4, generator=gen, dtype=torch.float64)
+    ref = torch.linalg.cholesky(M)
+    L = cholesky_lower(M.clone())
+    for upper, A, B in ((False, L, ref), (True, L.mT, ref.mT)):
+        assert torch.allclose(torch.linalg.solve_triangular(A, rhs, upper=upper),
+                              torch.linalg.solve_triangular(B, rhs, upper=upper), rtol=1e-12, atol=1e-12)
+    bad = M.clone()
+    bad[1, 5, 5] = -1.0
+    with pytest.raises(torch.linalg.LinAlgError, match=r"(matrix|[Ee]lement) 1"):
+        cholesky_lower(bad)
+
+
+def test_updated_factorisations_give_the_same_directions_as_fresh_ones():
+    """After a first exact step, active sets that gain and lose a few rows (same costs) are solved by updating
+    the first step's Cholesky factors (bordering for the added rows, multipliers pinning the dropped ones to
+    zero); the directions equal a fresh solve, whether the chunk is reused whole or in part, and an active set
+    that moved too far is refactorised instead."""
+    from evaluate.svm_solver import _direct_directions, padded_gram
+    gen = torch.Generator().manual_seed(1)
+    N, r, P = 60, 20, 4
+    Z = torch.randn(N, r, generator=gen, dtype=torch.float64)
+    K, Kpad = Z @ Z.T, padded_gram(Z @ Z.T)
+    Y = torch.where(torch.rand(P, N, generator=gen) < 0.5, 1.0, -1.0).double()
+    cost = torch.rand(P, N, generator=gen, dtype=torch.float64) * 3 + 0.1
+    A0 = cost * (torch.rand(P, N, generator=gen) < 0.5)
+    W = torch.randn(P, r, generator=gen, dtype=torch.float64)
+    _, factors = _direct_directions(Z, Kpad, Y, A0, W)
+    assert all(f is not None for f in factors) and len({id(f[0]) for f in factors}) == 1  # one chunk
+    A1 = A0.clone()
+    for p, (n_add, n_drop) in enumerate(((2, 1), (0, 3), (4, 0), (1, 1))):
+        off, on = (A0[p] == 0).nonzero()[:, 0], (A0[p] > 0).nonzero()[:, 0]
+        A1[p, off[:n_add]] = cost[p, off[:n_add]]
+        A1[p, on[:n_drop]] = 0
+    expected = _active_set_directions(Z, K, Y, A1, W)
+    got, again = _direct_directions(Z, Kpad, Y, A1, W, factors, update_ratio=1e9)
+    assert torch.allclose(got, expected, atol=1e-9)
+    assert [f[0] for f in again] == [f[0] for f in factors]  # updated, not refactorised
+    got, part = _direct_directions(Z, Kpad, Y[1:3], A1[1:3], W[1:3], factors[1:3], update_ratio=1e9)
+    assert torch.allclose(got, expected[1:3], atol=1e-9) and part[0][0] is factors[0][0]
+    got, fresh = _direct_directions(Z, Kpad, Y, A1, W, factors, update_ratio=1e-9)  # never worth it: refactorise
+    assert torch.allclose(got, expected, atol=1e-9) and fresh[0][0] is not factors[0][0]
