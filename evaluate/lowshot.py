@@ -100,6 +100,16 @@ def _class_ap(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return voc_ap(np.repeat(labels[keep][:, None], len(scores), 1), scores[:, keep].T)
 
 
+def _classes_ap(labels: np.ndarray, scores: np.ndarray, per_class: int) -> np.ndarray:
+    """`_class_ap` of every class at once: labels (M, C), scores (C * per_class, M), class c's rows at
+    c * per_class; returns (C, per_class). A difficult image ranks below every real score in its class's
+    columns, where it cannot change the AP (it follows every positive), so one ranking call serves all."""
+    C = labels.shape[1]
+    cols = np.repeat(labels, per_class, axis=1)  # (M, C * per_class)
+    ranked = np.where(cols == -1, -np.inf, scores.T)
+    return voc_ap(cols == 1, ranked).reshape(C, per_class)
+
+
 @dataclass
 class LowShotResult:
     test_map: dict   # k -> (samples, costs) mean test AP over classes (fraction)
@@ -154,8 +164,7 @@ def lowshot_svm(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: n
             scores = solver.fit_scores(labels, mask, np.tile(costs, len(group) * C), evals, bar)
             for g, (k, s) in enumerate(group):
                 idx, first = draws[k, s], g * C * K
-                test_ap = np.stack([_class_ap(Yte[:, c], scores["test"][first + c * K:first + (c + 1) * K])
-                                    for c in range(C)])
+                test_ap = _classes_ap(Yte, scores["test"][first:first + C * K], K)
                 test_map[k][s] = np.nanmean(test_ap, axis=0)
                 if selection == "val":
                     val_ap = []

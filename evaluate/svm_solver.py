@@ -72,6 +72,18 @@ def _check_problems(labels, train_mask, costs, n_train) -> tuple[np.ndarray, np.
 # The batched torch solver
 # ----------------------------------------------------------------------------------------------------
 
+def gram_matrix(F: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """F F^T, computing only the row blocks' products on and left of the diagonal and mirroring them (the
+    matrix is symmetric): (blocks + 1) / (2 blocks) of one matrix product's flops, 5/8 with 4 blocks."""
+    n = len(F)
+    out = torch.empty(n, n, dtype=F.dtype, device=F.device)
+    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        out[a:b, :b] = F[a:b] @ F[:b].T
+        out[:a, a:b] = out[a:b, :a].T
+    return out
+
+
 class Basis:
     """An orthonormal basis V (d x r) of the row span of F (n x d), with Z = F V having orthogonal columns.
 
@@ -90,7 +102,7 @@ class Basis:
             self.V = vecs[:, keep].flip(1)
             self.Z = feats @ self.V
         else:
-            self.gram = feats @ feats.T
+            self.gram = gram_matrix(feats)
             lam, U = torch.linalg.eigh(self.gram)
             keep = lam > rel_eps * lam.max().clamp_min(1e-300)
             lam, U = lam[keep].flip(0), U[:, keep].flip(1)
@@ -590,7 +602,7 @@ class TorchSVM:
         # Gram matrix of the training rows, for exact Newton steps on small active sets (N x N floats)
         self.gram = None
         if self.n_train <= max_gram_rows:
-            self.gram = padded_gram(self.basis.gram if self.basis.gram is not None else self.basis.Z @ self.basis.Z.T)
+            self.gram = padded_gram(self.basis.gram if self.basis.gram is not None else gram_matrix(self.basis.Z))
             self.basis.gram = None
         self.info: list[SolveInfo] = []
 

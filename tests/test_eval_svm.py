@@ -242,6 +242,20 @@ def test_lowshot_reports_the_test_selected_cost_statistics():
     assert np.abs(ours - clf.decision_function(l2_normalize(x))).max() < 1e-3
 
 
+def test_lowshot_ap_of_all_classes_at_once_equals_the_per_class_ap():
+    """Ranking every class's columns in one call (difficult images pushed below every score) gives each
+    class's AP without its difficult images, NaN for a class without positives, ties included."""
+    rng = np.random.default_rng(9)
+    M, C, K = 60, 4, 3
+    labels = rng.choice([-1, 0, 1], size=(M, C), p=[0.1, 0.6, 0.3])
+    labels[:, 2] = np.where(labels[:, 2] == 1, 0, labels[:, 2])  # class 2: no positives
+    scores = np.round(rng.normal(size=(C * K, M)), 1)  # rounded: many ties
+    got = lowshot._classes_ap(labels, scores, K)
+    want = np.stack([lowshot._class_ap(labels[:, c], scores[c * K:(c + 1) * K]) for c in range(C)])
+    assert got.shape == (C, K) and np.isnan(got[2]).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
 def test_lowshot_groups_the_samples_of_a_k_once_a_draw_spans_a_quarter_of_the_rows():
     few, many = np.arange(4).reshape(2, 2), np.arange(12).reshape(2, 6)  # 4 and 12 of 40 rows
     draws = {(1, 0): few, (1, 1): few, (8, 0): many, (8, 1): many + 20, (16, 0): many}
@@ -350,6 +364,13 @@ def _active_set_directions(Z, K, Y, A, W):
         g = torch.linalg.solve(K[S][:, S] + torch.diag(0.5 / A[p, S]), Y[p, S]) if len(S) else torch.zeros(0).double()
         out.append(Z[S].T @ g - W[p])
     return torch.stack(out)
+
+
+@pytest.mark.parametrize("n,blocks", [(10, 4), (7, 3), (3, 4), (1, 1)])
+def test_gram_matrix_from_its_lower_blocks_is_the_full_product(n, blocks):
+    from evaluate.svm_solver import gram_matrix
+    F = torch.randn(n, 5, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    assert torch.allclose(gram_matrix(F, blocks), F @ F.T, rtol=1e-13, atol=1e-13)
 
 
 def test_in_place_cholesky_solves_like_torch_and_rejects_indefinite_matrices():
