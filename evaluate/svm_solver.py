@@ -20,7 +20,10 @@ Jacobi preconditioning is effective; folds and low-shot samples are cost-zero ro
 (class, cost, fold) problems share one basis. Newton directions come from batched preconditioned CG (a
 few matrix products over the whole batch per step: cheap for small C, where nearly every row is active
 and the Hessian is well conditioned), or, once CG would cost more, from an exact solve of the dual of the
-active set (one Cholesky of |S| x |S|: cheap for large C, where few rows are active and CG crawls). Costs
+active set (one Cholesky of |S| x |S|: cheap for large C, where few rows are active and CG crawls); after a
+cost's first exact step the active sets move by a few dozen rows, and the previous factorisation is
+updated for them instead of redone. Problems that each train on few rows (low-shot k <= 16) are solved
+in the coefficients of their own rows instead (`kernel_newton_solve`). Costs
 are solved in increasing order, each warm-started from the previous one. It stops at the optimum
 (|grad| <= tol * |grad at 0|), which liblinear's dual coordinate descent approaches to its own tolerance;
 tests/test_eval_svm.py bounds the differences.
@@ -253,6 +256,21 @@ def cholesky_lower(M: torch.Tensor) -> torch.Tensor:
     return M.mT
 
 
+def _active_set_solve(K_SS: torch.Tensor, a: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
+                      zero_padding: bool = True):
+    """g = (K_SS + diag(1/2a))^-1 y for a batch of gathered active sets (b, s, s; overwritten), rows where
+    `valid` is False being padding (unit rows: g is 0 there; `zero_padding=False` when K_SS was gathered
+    from a zero row already); returns g and the factor."""
+    M = K_SS.to(torch.float64)
+    if zero_padding:
+        M = torch.where(valid[:, :, None] & valid[:, None, :], M, 0.0)
+    M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / a, 1.0))
+    L = cholesky_lower(M)
+    rhs = torch.where(valid, y, 0.0).to(torch.float64)[..., None]
+    g = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True)
+    return g[..., 0], L
+
+
 def _refactored_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, sizes: torch.Tensor,
                       order: torch.Tensor, s: int):
     """Dual solutions g (b, N+1; column N is padding) of b active-set systems, each by a fresh Cholesky
@@ -260,12 +278,9 @@ def _refactored_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, size
     pad = len(Kpad) - 1
     valid = torch.arange(s, device=Kpad.device)[None, :] < sizes[:, None]
     idx = torch.where(valid, order[:, :s], pad)
-    M = Kpad[idx[:, :, None], idx[:, None, :]].to(torch.float64)
-    M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / A.gather(1, idx.clamp_max(pad - 1)), 1.0))
-    rhs = torch.where(valid, Y.gather(1, idx.clamp_max(pad - 1)), 0.0).to(torch.float64)
-    L = cholesky_lower(M)
-    half = torch.linalg.solve_triangular(L, rhs[..., None], upper=False)
-    gamma = torch.linalg.solve_triangular(L.mT, half, upper=True)[..., 0]
+    at = idx.clamp_max(pad - 1)
+    gamma, L = _active_set_solve(Kpad[idx[:, :, None], idx[:, None, :]], A.gather(1, at), Y.gather(1, at), valid,
+                                 zero_padding=False)
     dual = torch.zeros(len(idx), pad + 1, dtype=gamma.dtype, device=Kpad.device)
     dual.scatter_(1, idx, torch.where(valid, gamma, 0.0))
     return dual, ActiveSetFactors(idx, L)
@@ -542,13 +557,8 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
             order = torch.argsort((~act[go]).to(torch.int8), dim=1, stable=True)[:, :s]
             valid = torch.arange(s, device=dev)[None, :] < sizes[go, None]
             sel = torch.where(valid, order, 0)
-            M = K[go[:, None, None], sel[:, :, None], sel[:, None, :]].to(torch.float64)
-            M = torch.where(valid[:, :, None] & valid[:, None, :], M, 0.0)
-            M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / A[go].gather(1, sel), 1.0))
-            rhs = torch.where(valid, Y[go].gather(1, sel), 0.0).to(torch.float64)
-            L = cholesky_lower(M.contiguous())
-            g = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs[..., None], upper=False),
-                                              upper=True)[..., 0]
+            g, _ = _active_set_solve(K[go[:, None, None], sel[:, :, None], sel[:, None, :]], A[go].gather(1, sel),
+                                     Y[go].gather(1, sel), valid)
             full = torch.zeros(len(go), n, dtype=torch.float64, device=dev)
             full.scatter_add_(1, sel, torch.where(valid, g, 0.0))
             target[go] = full.to(B.dtype)
