@@ -212,12 +212,10 @@ class ActiveSetFactors:
     """Factorised active-set systems of a chunk of problems, kept between Newton steps of one `newton_solve`
     call (the costs, hence the diagonals, are fixed there): `idx` (b, s) the rows each was built on, padded
     with the padding row N, and `L` (b, s, s) the lower Cholesky factors of K_SS + diag(1/2a_S) (unit rows
-    and columns at the padding). A problem refers to its factor as (chunk, position)."""
+    and columns at the padding; only the lower triangle is the factor, see `cholesky_lower`). A problem
+    refers to its factor as (chunk, position)."""
     idx: torch.Tensor
     L: torch.Tensor
-
-    def sizes(self, pad: int) -> torch.Tensor:
-        return (self.idx < pad).sum(1)
 
 
 def _mkl_potrf():
