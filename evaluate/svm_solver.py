@@ -663,18 +663,22 @@ class TorchSVM:
                 W, info, direct = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton,
                                                max_cg=self.max_cg, W0=W0, cg_dtype=self.cg_dtype, K=K,
                                                direct0=direct0, Z2=Z2)
-                self.info.append(info)
-                if info.converged < info.problems:
-                    warnings.warn(f"TorchSVM: {info.problems - info.converged} of {info.problems} problems did "
-                                  f"not reach tol={self.tol} in {self.max_newton} Newton steps", RuntimeWarning)
                 warm.update({p: (W[i], bool(direct[i])) for i, p in enumerate(ids)})
                 W_full = W @ sub.V.T if sub is not None else W  # back to the full basis' coordinates
-                for e in evals:
-                    out[e][ids] = (self.projected[e] @ W_full.T).T.cpu().numpy()
-                if progress is not None:
-                    progress.update(len(ids))
+                self._finish_batch(info, W_full, ids, evals, out, progress)
         return out
 
+    def _finish_batch(self, info: SolveInfo, W: torch.Tensor, ids: list[int], evals, out, progress) -> None:
+        """Record a batch's solve (warning if some problems did not converge) and score its solutions W (in
+        the basis' coordinates) on the evaluation matrices."""
+        self.info.append(info)
+        if info.converged < info.problems:
+            warnings.warn(f"TorchSVM: {info.problems - info.converged} of {info.problems} problems did "
+                          f"not reach tol={self.tol} in {self.max_newton} Newton steps", RuntimeWarning)
+        for e in evals:
+            out[e][ids] = (self.projected[e] @ W.T).T.cpu().numpy()
+        if progress is not None:
+            progress.update(len(ids))
 
     def _fit_kernel(self, labels, train_mask, costs, evals, out, progress) -> dict[str, np.ndarray]:
         """`fit_scores` when every problem trains on at most `kernel_rows` rows (low-shot k <= 16 at VOC07
@@ -685,9 +689,9 @@ class TorchSVM:
         order = np.argsort(~train_mask, axis=1, kind="stable")[:, :n]
         valid = np.arange(n)[None, :] < n_rows[:, None]
         R = np.where(valid, order, pad)
-        take = np.minimum(R, pad - 1)
-        y_all = np.where(np.take_along_axis(labels, take, 1) > 0, 1.0, -1.0)
-        c_all = problem_costs(np.take_along_axis(labels, take, 1), valid, costs)
+        own = np.take_along_axis(labels, np.minimum(R, pad - 1), 1)  # each problem's labels on its rows
+        y_all = np.where(own > 0, 1.0, -1.0)
+        c_all = problem_costs(own, valid, costs)
         R_t = torch.as_tensor(R, device=self.device)
         stages = _cost_chains(np.where(labels > 0, 1.0, -1.0), train_mask, costs)
         # one Gram matrix per chain (its problems share their rows), gathered once
@@ -713,18 +717,11 @@ class TorchSVM:
                                                                                     device=self.device)
                                       for _, prev in batch])
                 beta, info = kernel_newton_solve(K, y, c, tol=self.tol, max_newton=self.max_newton, B0=B0)
-                self.info.append(info)
-                if info.converged < info.problems:
-                    warnings.warn(f"TorchSVM: {info.problems - info.converged} of {info.problems} problems did "
-                                  f"not reach tol={self.tol} in {self.max_newton} Newton steps", RuntimeWarning)
                 warm.update({p: beta[i] for i, p in enumerate(ids)})
                 coef = torch.zeros(len(ids), pad + 1, dtype=self.dtype, device=self.device)
                 coef.scatter_(1, rows, beta)
-                W = coef[:, :pad] @ self.basis.Z  # w = Z_R^T beta, in the basis' coordinates
-                for e in evals:
-                    out[e][ids] = (self.projected[e] @ W.T).T.cpu().numpy()
-                if progress is not None:
-                    progress.update(len(ids))
+                # w = Z_R^T beta, in the basis' coordinates
+                self._finish_batch(info, coef[:, :pad] @ self.basis.Z, ids, evals, out, progress)
         return out
 
 
