@@ -391,13 +391,16 @@ def _direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: 
         near = (cols * 3 <= update_ratio * sizes[sel]) & (sizes[sel] > 0)  # the others are refactorised
         if not bool(near.any()):
             continue
-        if bool(near.all()) and len(members) == len(F.idx) and \
-                bool((pos == torch.arange(len(F.idx), device=Z.device)).all()):
-            sub = F  # the whole chunk, in its order: no copy of the factors
+        pos, sel = pos[near], sel[near]
+        if 2 * len(pos) >= len(F.idx):  # update the whole chunk rather than copy factors out of it: the
+            # positions not updated get their factor's own rows as active set and y = 0 (nothing to do)
+            Yc = torch.zeros(len(F.idx), Y.shape[1], dtype=Y.dtype, device=Z.device)
+            Ac = torch.zeros(len(F.idx), pad + 1, dtype=A.dtype, device=Z.device).scatter_(1, F.idx, 1.0)[:, :pad]
+            Yc[pos], Ac[pos] = Y[sel], A[sel]
+            got = _updated_duals(Kpad, Yc, Ac, F)
+            got = got[pos] if got is not None else None
         else:
-            pos, sel, ref = pos[near], sel[near], ref[near]
-            sub = ActiveSetFactors(ref, F.L[pos])
-        got = _updated_duals(Kpad, Y[sel], A[sel], sub)
+            got = _updated_duals(Kpad, Y[sel], A[sel], ActiveSetFactors(F.idx[pos], F.L[pos]))
         if got is not None:
             dual[sel] = got
             for p in sel.tolist():

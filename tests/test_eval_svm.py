@@ -419,5 +419,7 @@ def test_updated_factorisations_give_the_same_directions_as_fresh_ones():
     assert [f[0] for f in again] == [f[0] for f in factors]  # updated, not refactorised
     got, part = _direct_directions(Z, Kpad, Y[1:3], A1[1:3], W[1:3], factors[1:3], update_ratio=1e9)
     assert torch.allclose(got, expected[1:3], atol=1e-9) and part[0][0] is factors[0][0]
+    got, one = _direct_directions(Z, Kpad, Y[2:3], A1[2:3], W[2:3], factors[2:3], update_ratio=1e9)  # factor copied
+    assert torch.allclose(got, expected[2:3], atol=1e-9) and one[0][0] is factors[0][0]
     got, fresh = _direct_directions(Z, Kpad, Y, A1, W, factors, update_ratio=1e-9)  # never worth it: refactorise
     assert torch.allclose(got, expected, atol=1e-9) and fresh[0][0] is not factors[0][0]
