@@ -667,21 +667,23 @@ class TorchSVM:
                                                max_cg=self.max_cg, W0=W0, cg_dtype=self.cg_dtype, K=K,
                                                direct0=direct0, Z2=Z2)
                 warm.update({p: (W[i], bool(direct[i])) for i, p in enumerate(ids)})
-                W_full = W @ sub.V.T if sub is not None else W  # back to the full basis' coordinates
-                self._finish_batch(info, W_full, ids, evals, out, progress)
+                self._record(info, progress)
+                self._score(W @ sub.V.T if sub is not None else W, ids, evals, out)  # in the full basis
         return out
 
-    def _finish_batch(self, info: SolveInfo, W: torch.Tensor, ids: list[int], evals, out, progress) -> None:
-        """Record a batch's solve (warning if some problems did not converge) and score its solutions W (in
-        the basis' coordinates) on the evaluation matrices."""
+    def _record(self, info: SolveInfo, progress) -> None:
+        """Keep a batch's solve statistics (warning if some problems did not converge); advance the bar."""
         self.info.append(info)
         if info.converged < info.problems:
             warnings.warn(f"TorchSVM: {info.problems - info.converged} of {info.problems} problems did "
                           f"not reach tol={self.tol} in {self.max_newton} Newton steps", RuntimeWarning)
+        if progress is not None:
+            progress.update(info.problems)
+
+    def _score(self, W: torch.Tensor, ids, evals, out) -> None:
+        """Decision values of solutions W (in the basis' coordinates) on the evaluation matrices."""
         for e in evals:
             out[e][ids] = (self.projected[e] @ W.T).T.cpu().numpy()
-        if progress is not None:
-            progress.update(len(ids))
 
     def _fit_kernel(self, labels, train_mask, costs, evals, out, progress) -> dict[str, np.ndarray]:
         """`fit_scores` when every problem trains on at most `kernel_rows` rows (low-shot k <= 16 at VOC07
@@ -709,7 +711,6 @@ class TorchSVM:
             for start in range(0, len(stage), self.batch_size):
                 batch = stage[start:start + self.batch_size]
                 ids = [p for p, _ in batch]
-                rows = R_t[ids]
                 at = [root[p] for p in ids]
                 K = K_chain if at == list(range(len(K_chain))) else K_chain[at]
                 y = torch.as_tensor(y_all[ids], dtype=self.dtype, device=self.device)
@@ -721,10 +722,22 @@ class TorchSVM:
                                       for _, prev in batch])
                 beta, info = kernel_newton_solve(K, y, c, tol=self.tol, max_newton=self.max_newton, B0=B0)
                 warm.update({p: beta[i] for i, p in enumerate(ids)})
-                coef = torch.zeros(len(ids), pad + 1, dtype=self.dtype, device=self.device)
-                coef.scatter_(1, rows, beta)
-                # w = Z_R^T beta, in the basis' coordinates
-                self._finish_batch(info, coef[:, :pad] @ self.basis.Z, ids, evals, out, progress)
+                self._record(info, progress)
+        # w = Z_R^T beta in the basis' coordinates, a block of chains at a time: each chain's rows of Z are
+        # gathered once for all its costs (a product over every training row would cost N / n times more)
+        chain = np.array([root[p] for p in range(len(labels))])
+        slot = np.zeros(len(chain), dtype=np.int64)  # a problem's place in its chain
+        by_chain = np.argsort(chain, kind="stable")
+        starts = np.searchsorted(chain[by_chain], chain[by_chain])
+        slot[by_chain] = np.arange(len(chain)) - starts
+        coefs = torch.zeros(len(first), int(slot.max()) + 1, n, dtype=self.dtype, device=self.device)
+        coefs[torch.as_tensor(chain), torch.as_tensor(slot)] = torch.stack([warm[p] for p in range(len(chain))])
+        coefs *= (first < pad)[:, None, :]  # padding rows carry no weight
+        step = max(1, (1 << 28) // (n * self.basis.rank * self.basis.Z.element_size()))
+        for c0 in range(0, len(first), step):
+            W = coefs[c0:c0 + step] @ self.basis.Z[first[c0:c0 + step].clamp_max(pad - 1)]
+            ids = np.flatnonzero((chain >= c0) & (chain < c0 + step))
+            self._score(W[chain[ids] - c0, slot[ids]], ids, evals, out)
         return out
 
 
