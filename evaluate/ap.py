@@ -32,12 +32,18 @@ def _as_columns(labels, scores) -> tuple[np.ndarray, np.ndarray, bool]:
 
 def _ranked(pos: np.ndarray, scores: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Each column's positives and scores as a row (P, N), ordered by descending score; ties keep VISSL's
-    order (the reverse of a stable ascending sort). In torch, over contiguous rows and threads: the same
-    order as numpy's, ~2x faster on the low-shot protocol's thousands of 4952-image rankings."""
-    pos = torch.from_numpy(np.ascontiguousarray(pos.T))
+    order (the reverse of a stable ascending sort). numpy's unstable argsort (vectorised, ~4x faster than a
+    stable sort) gives that same order for every column without tied scores; columns with ties are sorted
+    again, stably."""
     scores = torch.from_numpy(np.ascontiguousarray(scores.T))
-    order = torch.argsort(scores, dim=1, stable=True).flip(1)
-    return pos.gather(1, order), scores.gather(1, order)
+    order = torch.from_numpy(np.argsort(scores.numpy(), axis=1, kind="quicksort"))
+    ranked = scores.gather(1, order)
+    tied = (ranked[:, 1:] == ranked[:, :-1]).any(1)
+    if bool(tied.any()):
+        order[tied] = torch.from_numpy(np.argsort(scores[tied].numpy(), axis=1, kind="stable"))
+        ranked[tied] = scores[tied].gather(1, order[tied])
+    order = order.flip(1)
+    return torch.from_numpy(np.ascontiguousarray(pos.T)).gather(1, order), ranked.flip(1)
 
 
 def voc_ap(labels, scores) -> np.ndarray | float:

@@ -62,6 +62,26 @@ def test_step_ap_groups_ties_and_matches_sklearn():
             assert step_ap(y, s) == pytest.approx(average_precision_score(y, s))
 
 
+def test_voc_ap_breaks_ties_like_vissl_in_tied_and_untied_columns():
+    """Tied scores rank in the reverse of a stable ascending sort (later images first), as VISSL's ranking;
+    one call mixes columns with ties (sorted again, stably) and without (the unstable sort's order)."""
+    # hand case: scores tie at 0.5; the later image (a positive) ranks first: precision 1/1, then 2/3
+    assert voc_ap([1, 0, 1], [0.9, 0.5, 0.5]) == pytest.approx(1.0)
+    assert voc_ap([1, 1, 0], [0.9, 0.5, 0.5]) == pytest.approx((1 + 2 / 3) / 2)
+    rng = np.random.default_rng(0)
+    labels = rng.random((300, 12)) < 0.2
+    scores = rng.normal(size=(300, 12)) + labels
+    scores[:, ::2] = np.round(scores[:, ::2], 1)  # every other column full of ties
+
+    def one_column(y, s):
+        ranked = y[np.argsort(s, kind="stable")[::-1]]
+        precision = np.cumsum(ranked) / np.arange(1, len(y) + 1)
+        return np.maximum.accumulate(precision[::-1])[::-1][ranked].mean()
+
+    expected = [one_column(labels[:, j], scores[:, j]) for j in range(12)]
+    assert voc_ap(labels, scores) == pytest.approx(expected, abs=1e-12)
+
+
 # --- protocol rules -------------------------------------------------------------------------------------
 def test_train_targets_make_difficult_negative():
     labels = np.array([[1, 0], [0, -1], [-1, 1]])
