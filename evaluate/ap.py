@@ -30,20 +30,22 @@ def _as_columns(labels, scores) -> tuple[np.ndarray, np.ndarray, bool]:
     return labels > 0, scores, single
 
 
-def _ranked(pos: np.ndarray, scores: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranked(pos: np.ndarray, scores: np.ndarray, ties_in_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Each column's positives and scores as a row (P, N), ordered by descending score; ties keep VISSL's
     order (the reverse of a stable ascending sort). numpy's unstable argsort (vectorised, ~4x faster than a
-    stable sort) gives that same order for every column without tied scores; columns with ties are sorted
-    again, stably."""
+    stable sort) gives the same ranking of positives and negatives for every column where no positive ties
+    a negative; with `ties_in_order` those columns are sorted again, stably (AP is blind to the order of
+    tied positives among themselves, or of tied negatives)."""
     scores = torch.from_numpy(np.ascontiguousarray(scores.T))
+    pos = torch.from_numpy(np.ascontiguousarray(pos.T))
     order = torch.from_numpy(np.argsort(scores.numpy(), axis=1, kind="quicksort"))
-    ranked = scores.gather(1, order)
-    tied = (ranked[:, 1:] == ranked[:, :-1]).any(1)
-    if bool(tied.any()):
-        order[tied] = torch.from_numpy(np.argsort(scores[tied].numpy(), axis=1, kind="stable"))
-        ranked[tied] = scores[tied].gather(1, order[tied])
-    order = order.flip(1)
-    return torch.from_numpy(np.ascontiguousarray(pos.T)).gather(1, order), ranked.flip(1)
+    ranked, ranked_pos = scores.gather(1, order), pos.gather(1, order)
+    if ties_in_order:
+        tied = ((ranked[:, 1:] == ranked[:, :-1]) & (ranked_pos[:, 1:] != ranked_pos[:, :-1])).any(1)
+        if bool(tied.any()):
+            order[tied] = torch.from_numpy(np.argsort(scores[tied].numpy(), axis=1, kind="stable"))
+            ranked[tied], ranked_pos[tied] = scores[tied].gather(1, order[tied]), pos[tied].gather(1, order[tied])
+    return ranked_pos.flip(1), ranked.flip(1)
 
 
 def voc_ap(labels, scores) -> np.ndarray | float:
@@ -72,7 +74,7 @@ def step_ap(labels, scores) -> np.ndarray | float:
     if n == 0:
         out = np.zeros(pos.shape[1])
         return float(out[0]) if single else out
-    pos, scores = _ranked(pos, scores)
+    pos, scores = _ranked(pos, scores, ties_in_order=False)  # a run of ties counts as one threshold
     tp = pos.cumsum(1, dtype=torch.float64)
     # every member of a run of tied scores is counted at the end of the run (one threshold per value)
     boundary = torch.ones_like(pos)
