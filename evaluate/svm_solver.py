@@ -450,8 +450,9 @@ def _direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: 
 def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
                  max_newton: int = 100, max_cg: int = 500, W0: torch.Tensor | None = None,
                  cg_dtype: torch.dtype | None = None, K: torch.Tensor | None = None,
-                 direct0: torch.Tensor | None = None, Z2: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, SolveInfo, torch.Tensor]:
+                 direct0: torch.Tensor | None = None, Z2: torch.Tensor | None = None,
+                 O0: torch.Tensor | None = None, g0: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, SolveInfo, torch.Tensor, torch.Tensor]:
     """Minimise 1/2|w_p|^2 + sum_i cost[p,i] max(0, 1 - labels[p,i] Z_i.w_p)^2 for every problem p.
 
     Z: (N, r) shared design; labels (P, N) +-1; cost (P, N) >= 0 (0 = row not in problem p's training
@@ -462,7 +463,9 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     conditioned), Cholesky for large C (few active rows, ill-conditioned). An exact line search follows.
     A problem is done once |grad| <= tol * |grad at w=0|; done problems leave the batch. `direct0` marks
     problems that start with exact solves (warm starts whose predecessor ended with them); the same mask at
-    the end is returned third. `Z2` (= Z * Z, for the Jacobi preconditioner) may be passed in to reuse it.
+    the end is returned third, the training scores Z w at the solutions fourth. Quantities the caller has
+    may be passed in rather than recomputed (a matrix product each): `Z2` = Z * Z (for the Jacobi
+    preconditioner), `O0` = W0 Z^T, `g0` = |gradient at w = 0| per problem.
     """
     P, N = labels.shape
     r = Z.shape[1]
@@ -470,10 +473,11 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     Z2 = Z * Z if Z2 is None else Z2
     Zlow = Z.to(cg_dtype) if cg_dtype is not None else None
     cy_all = cost * labels
-    g0 = (2 * (cy_all @ Z)).norm(dim=1)
+    g0 = (2 * (cy_all @ Z)).norm(dim=1) if g0 is None else g0
     idx = torch.arange(P, device=Z.device)
     W = W_out.clone() if W0 is None else W0.clone()
-    O = W @ Z.T  # scores Z w on the training rows
+    O = (W @ Z.T if O0 is None else O0.clone())  # scores Z w on the training rows
+    O_out = torch.empty(P, N, dtype=Z.dtype, device=Z.device)
     Y, C, CY, G0 = labels, cost, cy_all, g0
     direct = torch.zeros(P, dtype=torch.bool, device=Z.device) if direct0 is None or K is None else direct0.clone()
     direct_out = direct.clone()  # switched to exact solves
@@ -487,7 +491,7 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
         gn = G.norm(dim=1)
         done = gn <= tol * G0
         if bool(done.any()):
-            W_out[idx[done]] = W[done]
+            W_out[idx[done]], O_out[idx[done]] = W[done], O[done]
             converged[idx[done]] = True
             direct_out[idx[done]] = direct[done]
             keep = ~done
@@ -524,9 +528,9 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
         W = W + t[:, None] * D
         O = O + t[:, None] * Delta
     if idx.numel():
-        W_out[idx] = W
+        W_out[idx], O_out[idx] = W, O
         direct_out[idx] = direct
-    return W_out, SolveInfo(newton, cg_total, int(converged.sum()), P), direct_out
+    return W_out, SolveInfo(newton, cg_total, int(converged.sum()), P), direct_out, O_out
 
 
 def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
@@ -673,24 +677,32 @@ class TorchSVM:
         Z2 = Z * Z
         y_all = np.where(labels[:, rows] > 0, 1.0, -1.0)
         c_all = problem_costs(labels[:, rows], train_mask[:, rows], costs)
-        # solutions (in this call's basis) that later stages start from, and whether they ended with exact steps
-        warm: dict[int, tuple[torch.Tensor, bool]] = {}
+        # what later stages start from: solutions (in this call's basis), whether they ended with exact steps,
+        # their training scores; and per problem |gradient at 0| / cost (a chain's rows and labels are fixed)
+        warm: dict[int, tuple[torch.Tensor, bool, torch.Tensor]] = {}
+        g0_per_cost: dict[int, float] = {}
         for stage in _cost_chains(y_all, train_mask[:, rows], costs):
             for start in range(0, len(stage), self.batch_size):
                 batch = stage[start:start + self.batch_size]
                 ids = [p for p, _ in batch]
                 y = torch.as_tensor(y_all[ids], dtype=self.dtype, device=self.device)
                 c = torch.as_tensor(c_all[ids], dtype=self.dtype, device=self.device)
-                W0 = direct0 = None
-                if self.warm_start and any(prev is not None for _, prev in batch):
-                    W0 = torch.stack([warm[prev][0] if prev is not None else torch.zeros_like(Z[0])
-                                      for _, prev in batch])
-                    direct0 = torch.tensor([prev is not None and warm[prev][1] for _, prev in batch],
-                                           device=self.device)
-                W, info, direct = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton,
-                                               max_cg=self.max_cg, W0=W0, cg_dtype=self.cg_dtype, K=K,
-                                               direct0=direct0, Z2=Z2)
-                warm.update({p: (W[i], bool(direct[i])) for i, p in enumerate(ids)})
+                roots = [i for i, (_, prev) in enumerate(batch) if prev is None]
+                if roots:
+                    g = (2 * ((c[roots] * y[roots]) @ Z)).norm(dim=1)
+                    g0_per_cost.update({ids[i]: float(v) / costs[ids[i]] for i, v in zip(roots, g.tolist())})
+                g0_per_cost.update({p: g0_per_cost[prev] for p, prev in batch if prev is not None})
+                g0 = torch.tensor([g0_per_cost[p] * costs[p] for p in ids], dtype=self.dtype, device=self.device)
+                W0 = direct0 = O0 = None
+                starts = [warm.pop(prev) if prev is not None else None for _, prev in batch]
+                if self.warm_start and any(st is not None for st in starts):
+                    W0 = torch.stack([st[0] if st is not None else torch.zeros_like(Z[0]) for st in starts])
+                    direct0 = torch.tensor([st is not None and st[1] for st in starts], device=self.device)
+                    O0 = torch.stack([st[2] if st is not None else torch.zeros_like(Z[:, 0]) for st in starts])
+                W, info, direct, O = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton,
+                                                  max_cg=self.max_cg, W0=W0, cg_dtype=self.cg_dtype, K=K,
+                                                  direct0=direct0, Z2=Z2, O0=O0, g0=g0)
+                warm.update({p: (W[i], bool(direct[i]), O[i]) for i, p in enumerate(ids)})
                 self._record(info, progress)
                 self._score(W @ sub.V.T if sub is not None else W, ids, evals, out)  # in the full basis
         return out
