@@ -22,7 +22,7 @@ few matrix products over the whole batch per step: cheap for small C, where near
 and the Hessian is well conditioned), or, once CG would cost more, from an exact solve of the dual of the
 active set (one Cholesky of |S| x |S|: cheap for large C, where few rows are active and CG crawls); after a
 cost's first exact step the active sets move by a few dozen rows, and the previous factorisation is
-updated for them instead of redone. Problems that each train on few rows (low-shot k <= 16) are solved
+updated for them instead of redone. Problems that each train on few rows (low-shot k <= 32) are solved
 in the coefficients of their own rows instead (`kernel_newton_solve`). Costs
 are solved in increasing order, each warm-started from the previous one. It stops at the optimum
 (|grad| <= tol * |grad at 0|), which liblinear's dual coordinate descent approaches to its own tolerance;
@@ -621,7 +621,7 @@ class TorchSVM:
     def __init__(self, train: np.ndarray, evals: Mapping[str, np.ndarray] | None = None, device: str = "cpu",
                  precision: str = "float64", tol: float = 1e-6, max_newton: int = 100, max_cg: int = 500,
                  batch_size: int = 1024, warm_start: bool = True, max_gram_rows: int = 20000,
-                 kernel_rows: int = 400):
+                 kernel_rows: int = 700):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
@@ -722,7 +722,7 @@ class TorchSVM:
             out[e][ids] = (self.projected[e] @ W.T).T.cpu().numpy()
 
     def _fit_kernel(self, labels, train_mask, costs, evals, out, progress) -> dict[str, np.ndarray]:
-        """`fit_scores` when every problem trains on at most `kernel_rows` rows (low-shot k <= 16 at VOC07
+        """`fit_scores` when every problem trains on at most `kernel_rows` rows (low-shot k <= 32 at VOC07
         size): each problem in the coefficients of its own rows (`kernel_newton_solve`), its Gram matrix
         gathered from the training Gram matrix, instead of matrix products over every row of the call."""
         n_rows = train_mask.sum(1)
