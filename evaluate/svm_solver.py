@@ -447,6 +447,11 @@ def _direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: 
     return dual[:, :pad].to(Z.dtype) @ Z - W, factors
 
 
+def gradient_norm_at_zero(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """|gradient| of each problem's objective at w = 0: |2 Z^T (cost * labels)| (the convergence scale)."""
+    return (2 * ((cost * labels) @ Z)).norm(dim=1)
+
+
 def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
                  max_newton: int = 100, max_cg: int = 500, W0: torch.Tensor | None = None,
                  cg_dtype: torch.dtype | None = None, K: torch.Tensor | None = None,
@@ -473,7 +478,7 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     Z2 = Z * Z if Z2 is None else Z2
     Zlow = Z.to(cg_dtype) if cg_dtype is not None else None
     cy_all = cost * labels
-    g0 = (2 * (cy_all @ Z)).norm(dim=1) if g0 is None else g0
+    g0 = gradient_norm_at_zero(Z, labels, cost) if g0 is None else g0
     idx = torch.arange(P, device=Z.device)
     W = W_out.clone() if W0 is None else W0.clone()
     O = (W @ Z.T if O0 is None else O0.clone())  # scores Z w on the training rows
@@ -689,7 +694,7 @@ class TorchSVM:
                 c = torch.as_tensor(c_all[ids], dtype=self.dtype, device=self.device)
                 roots = [i for i, (_, prev) in enumerate(batch) if prev is None]
                 if roots:
-                    g = (2 * ((c[roots] * y[roots]) @ Z)).norm(dim=1)
+                    g = gradient_norm_at_zero(Z, y[roots], c[roots])
                     g0_per_cost.update({ids[i]: float(v) / costs[ids[i]] for i, v in zip(roots, g.tolist())})
                 g0_per_cost.update({p: g0_per_cost[prev] for p, prev in batch if prev is not None})
                 g0 = torch.tensor([g0_per_cost[p] * costs[p] for p in ids], dtype=self.dtype, device=self.device)
