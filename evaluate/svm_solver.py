@@ -272,14 +272,11 @@ def cholesky_lower(M: torch.Tensor) -> torch.Tensor:
     return M.mT
 
 
-def _active_set_solve(K_SS: torch.Tensor, a: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
-                      zero_padding: bool = True):
+def _active_set_solve(K_SS: torch.Tensor, a: torch.Tensor, y: torch.Tensor, valid: torch.Tensor):
     """g = (K_SS + diag(1/2a))^-1 y for a batch of gathered active sets (b, s, s; overwritten), rows where
-    `valid` is False being padding (unit rows: g is 0 there; `zero_padding=False` when K_SS was gathered
-    from a zero row already); returns g and the factor."""
+    `valid` is False being padding, gathered from a zero row and column (they become unit rows: g is 0
+    there); returns g and the factor."""
     M = K_SS.to(torch.float64)
-    if zero_padding:
-        M = torch.where(valid[:, :, None] & valid[:, None, :], M, 0.0)
     M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / a, 1.0))
     L = cholesky_lower(M)
     rhs = torch.where(valid, y, 0.0).to(torch.float64)[..., None]
@@ -295,8 +292,7 @@ def _refactored_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, size
     valid = torch.arange(s, device=Kpad.device)[None, :] < sizes[:, None]
     idx = torch.where(valid, order[:, :s], pad)
     at = idx.clamp_max(pad - 1)
-    gamma, L = _active_set_solve(Kpad[idx[:, :, None], idx[:, None, :]], A.gather(1, at), Y.gather(1, at), valid,
-                                 zero_padding=False)
+    gamma, L = _active_set_solve(Kpad[idx[:, :, None], idx[:, None, :]], A.gather(1, at), Y.gather(1, at), valid)
     dual = torch.zeros(len(idx), pad + 1, dtype=gamma.dtype, device=Kpad.device)
     dual.scatter_(1, idx, torch.where(valid, gamma, 0.0))
     return dual, ActiveSetFactors(idx, L)
@@ -590,7 +586,7 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
             sel = torch.where(valid, order, n)  # padding: the zero row
             at = sel.clamp_max(n - 1)
             K_SS = torch.gather(K[go[:, None], sel], 2, sel[:, None, :].expand(-1, s, s))  # rows, then columns
-            g, _ = _active_set_solve(K_SS, A[go].gather(1, at), Y[go].gather(1, at), valid, zero_padding=False)
+            g, _ = _active_set_solve(K_SS, A[go].gather(1, at), Y[go].gather(1, at), valid)
             full = torch.zeros(len(go), n + 1, dtype=torch.float64, device=dev)
             full.scatter_(1, sel, torch.where(valid, g, 0.0))
             target[go] = full[:, :n].to(B.dtype)
