@@ -24,14 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from pretrain.data import DataError
+from mocobench.core import distributed as dist
+from mocobench.core.demo_data import ensure_demo_data
+from mocobench.core.errors import ConfigError, DataError
+from mocobench.core.images import load_rgb_or_error
 
 __all__ = ["DataError", "image_folder", "voc2007", "subset", "read_subset_list", "make_subset_list",
-           "write_subset_list", "resolve_data", "VOC_CLASSES", "SUBSET_FRACTIONS"]
+           "write_subset_list", "dataset_root", "VOC_CLASSES", "SUBSET_FRACTIONS"]
 
 # The 20 PASCAL VOC classes in the devkit's (alphabetical) order.
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -40,23 +42,11 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 SUBSET_FRACTIONS = {"1pct": 0.01, "10pct": 0.10}
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB; an unreadable file is a DataError naming it (evaluation never skips images)."""
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"unreadable image {path}: {e}") from None
-
-
-def resolve_data(data: str, kind: str) -> Path:
+def dataset_root(data: str, kind: str) -> Path:
     """`data` is 'demo' (the embedded dataset) or a path. kind: 'imagefolder' (the root holding train/ and
     val/) or 'voc' (the VOC2007 devkit dir)."""
     if data != "demo":
         return Path(data)
-    from pretrain.demo_data import ensure_demo_data
     demo = ensure_demo_data()
     if kind == "imagefolder":
         return Path(demo.imagefolder)
@@ -75,7 +65,7 @@ class EvalImageFolder(ImageFolder):
 
     def __init__(self, split_dir: Path, classes: list[str], transform=None):
         self._fixed_classes = classes
-        super().__init__(str(split_dir), transform=transform, loader=load_rgb)
+        super().__init__(str(split_dir), transform=transform, loader=load_rgb_or_error)
 
     def find_classes(self, directory):
         return list(self._fixed_classes), {c: i for i, c in enumerate(self._fixed_classes)}
@@ -184,7 +174,7 @@ class VOC2007(torch.utils.data.Dataset):
         return self.root / "JPEGImages" / f"{self.ids[i]}.jpg"
 
     def __getitem__(self, i: int):
-        img = load_rgb(self.image_path(i))
+        img = load_rgb_or_error(self.image_path(i))
         if self.transform is not None:
             img = self.transform(img)
         return img, torch.from_numpy(self.labels[i].astype(np.int64))
@@ -360,8 +350,6 @@ def distributed_loaders(train_ds, val_ds, batch_size: int, workers: int, seed: i
     Train: a seeded DistributedSampler shard (call `sampler.set_epoch`). Val: an unpadded strided shard, so
     summing correct counts over ranks gives exact accuracy (DistributedSampler would pad with repeats).
     """
-    from pretrain import distributed as dist
-    from pretrain.config import ConfigError
     world, rank = dist.world_size(), dist.rank()
     if batch_size % world:
         raise ConfigError(f"batch_size={batch_size} must be divisible by the number of processes {world}")

@@ -12,16 +12,18 @@ neighbours of every test point are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate.features import FeatureFileError, FeatureSourceConfig, load_features, resolve_features
-from pretrain.config import ConfigError, option, to_dict
-from results.records import now_iso, write_metrics
+from mocobench.core.config import option
+from mocobench.core.errors import ConfigError, FeatureFileError
+from mocobench.core.records import now_iso
+from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
+from mocobench.evaluate.feature_file import load_features
+from mocobench.evaluate.report import report
 
 
 @torch.no_grad()
@@ -76,7 +78,6 @@ def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
     return metrics
 
 
-
 @dataclass
 class KNNConfig(FeatureSourceConfig):
     """Weighted kNN on cached features (layer avgpool by default)."""
@@ -98,15 +99,6 @@ def run(cfg: KNNConfig) -> dict:
     metrics["details"] = {"features": str(path), "n_train": len(fs.train_feats), "n_test": len(fs.test_feats),
                           "dim": int(fs.train_feats.shape[1]),
                           **({"capped_k": f"k > {len(fs.train_feats)} train samples used all of them"} if capped else {})}
-    ckpt = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
-    write_metrics(cfg.out, stage="eval", benchmark="knn", metrics=metrics, config=to_dict(cfg), start=start,
-                  checkpoint=ckpt, checkpoint_md5=fs.meta.get("checkpoint_key") if ckpt else None)
-    print("knn: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "details"), flush=True)
+    summary = "knn: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "details")
+    report(cfg, "knn", metrics, start, summary, fs.meta.get("checkpoint_key"))
     return metrics
-
-
-def main(argv: list[str]) -> int:
-    from evaluate.cli import run_evaluator
-    return run_evaluator(KNNConfig, run, argv, "mocobench eval knn",
-                         "Weighted kNN (k=20/200, T=0.07, cosine) on frozen features; writes OUT/metrics.json.",
-                         Path(__file__).parent / "configs" / "knn")

@@ -9,13 +9,13 @@ lincls (default) - facebookresearch/moco `main_lincls.py`, what the MoCo model-z
     tensor with a fresh load of the checkpoint (main_lincls.py `sanity_check`).
 multihead - MMSelfSup's multi-layer linear heads (configs/benchmarks/linear_classification/imagenet/
     r50_multihead.py, heads/multi_cls_head.py): one classifier per layer feature1..feature5 on the
-    `evaluate.features` pooled maps, each BatchNorm(affine=False, momentum 0.1) -> Linear, trained jointly
+    `mocobench.evaluate.layers` pooled maps, each BatchNorm(affine=False, momentum 0.1) -> Linear, trained jointly
     (summed losses); SGD lr 0.01, Nesterov momentum 0.9, weight decay 1e-4, batch 256, 90 epochs, x0.1 at
     30/60/90; train crop + flip + ColorJitter(0.4, 0.4, 0.4, 0) + AlexNet PCA lighting (0.1).
 fast - a proxy, NOT the protocol: the lincls optimiser and schedule on cached center-crop features
     (no augmentation), minutes instead of hours; useful to rank checkpoints, not to report.
 
-Unset optimiser fields take the chosen mode's published values. DDP through `pretrain.distributed`
+Unset optimiser fields take the chosen mode's published values. DDP through `mocobench.core.distributed`
 (torchrun / Slurm env): global batch split over ranks, DistributedSampler, val sharded and counts summed.
 """
 from __future__ import annotations
@@ -34,13 +34,18 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
-from evaluate.features import (FeatureFileError, FeatureSourceConfig, LayerFeatures,
-                               check_checkpoint, check_layer, load_features, load_frozen_backbone, resolve_features)
-from pretrain import distributed as dist
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from pretrain.checkpoints import atomic_save, safe_load
-from pretrain.config import ConfigError, option, to_dict
-from results.records import now_iso, write_metrics
+from mocobench.checkpoints.safe_load import safe_load
+from mocobench.core import distributed as dist
+from mocobench.core.atomic import atomic_save
+from mocobench.core.config import option, to_dict
+from mocobench.core.errors import ConfigError, FeatureFileError
+from mocobench.core.records import now_iso
+from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from mocobench.evaluate import datasets
+from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
+from mocobench.evaluate.feature_file import load_features
+from mocobench.evaluate.layers import LayerFeatures, check_layer, load_frozen_backbone
+from mocobench.evaluate.report import check_checkpoint, report
 
 MODES = ("lincls", "multihead", "fast")
 PROTOCOLS = {
@@ -52,7 +57,6 @@ PROTOCOLS = {
 PROTOCOLS["fast"] = dict(PROTOCOLS["lincls"])
 BENCHMARK = {"lincls": "linear", "multihead": "linear_multihead", "fast": "linear_fast"}
 MULTIHEAD_LAYERS = ["feature1", "feature2", "feature3", "feature4", "feature5"]
-
 
 
 @dataclass
@@ -234,8 +238,7 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _loaders(cfg: LinearConfig, device: torch.device):
-    from evaluate import datasets
-    root = datasets.resolve_data(cfg.data, "imagefolder")
+    root = datasets.dataset_root(cfg.data, "imagefolder")
     train_ds = datasets.image_folder(root, cfg.train_split or "train", train_transform(cfg))
     val_ds = datasets.image_folder(root, cfg.test_split or "val", eval_transform(cfg.resize, cfg.crop))
     train_loader, sampler, val_loader = datasets.distributed_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers,
@@ -324,14 +327,9 @@ def run_images(cfg: LinearConfig) -> dict:
         metrics["best_top1"] = best.get("avgpool/top1")
     metrics["details"] = {"history": history, "best": best, "backbone_unchanged": True}
     if main_rank:
-        _write(cfg, metrics, start)
+        report(cfg, BENCHMARK[cfg.mode], metrics, start,
+               f"linear ({cfg.mode}): " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
     return metrics
-
-
-def _write(cfg: LinearConfig, metrics: dict, start: str, md5: str | None = None) -> None:
-    ckpt = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
-    write_metrics(cfg.out, stage="eval", benchmark=BENCHMARK[cfg.mode], metrics=metrics, config=to_dict(cfg),
-                  start=start, checkpoint=ckpt, checkpoint_md5=md5 if ckpt else None)
 
 
 # --- fast mode on cached features -----------------------------------------------------------------------
@@ -388,8 +386,8 @@ def run_fast(cfg: LinearConfig) -> dict:
     metrics = {"top1": acc["top1"], "top5": acc["top5"], f"{layer}/top1": acc["top1"], f"{layer}/top5": acc["top5"],
                "details": {"features": str(path), "proxy": "fast mode: cached center-crop features, no augmentation; "
                            "not the main_lincls.py protocol"}}
-    print(f"linear (fast, proxy): top1 {acc['top1']:.2f} top5 {acc['top5']:.2f} on {path}", flush=True)
-    _write(cfg, metrics, start, fs.meta.get("checkpoint_key"))
+    summary = f"linear (fast, proxy): top1 {acc['top1']:.2f} top5 {acc['top5']:.2f} on {path}"
+    report(cfg, BENCHMARK[cfg.mode], metrics, start, summary, fs.meta.get("checkpoint_key"))
     return metrics
 
 
@@ -409,11 +407,3 @@ def run(cfg: LinearConfig) -> dict:
     if cfg.dataset != "imagefolder":
         raise ConfigError("linear evaluation reads an ImageFolder dataset (--dataset imagefolder)")
     return run_images(cfg)
-
-
-def main(argv: list[str]) -> int:
-    from evaluate.cli import run_evaluator
-    return run_evaluator(LinearConfig, run, argv, "mocobench eval linear",
-                         "Linear classification on a frozen backbone: main_lincls.py (lincls), MMSelfSup "
-                         "multi-layer heads (multihead) or the fast proxy on cached features (fast).",
-                         Path(__file__).parent / "configs" / "linear")

@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from evaluate.ap import voc_ap
-from evaluate.features import FeatureSourceConfig, load_features, peak_rss_mb, resolve_features, write_npz
-from evaluate.svm import SVMSolverOptions, as_multilabel, class_names_of, solver_details
-from pretrain.config import ConfigError, option, to_dict
-from pretrain.data import DataError
-from results.records import now_iso, write_metrics
+from mocobench.core.config import option
+from mocobench.core.errors import ConfigError, DataError
+from mocobench.core.records import now_iso
+from mocobench.evaluate.ap import voc_ap
+from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
+from mocobench.evaluate.feature_file import load_features, write_npz
+from mocobench.evaluate.report import peak_rss_mb, report
+from mocobench.evaluate.svm import SVMSolverOptions, as_multilabel, class_names_of, solver_details
+from mocobench.evaluate.svm_process import configure_svm_process
 
 K_VALUES = (1, 2, 4, 8, 16, 32, 64, 96)
 
@@ -179,6 +182,7 @@ def lowshot_svm(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: n
 
 def run(cfg: LowShotConfig) -> dict:
     start = now_iso()
+    configure_svm_process(cfg.solver, cfg.device, cfg.threads)
     if cfg.samples < 1 or not cfg.k_values or min(cfg.k_values) < 1:
         raise ConfigError(f"need samples >= 1 and positive k_values, got samples={cfg.samples}, k_values={cfg.k_values}")
     path = resolve_features(cfg)
@@ -200,17 +204,7 @@ def run(cfg: LowShotConfig) -> dict:
         "test_mAP": {f"k{k}": (100.0 * m).tolist() for k, m in res.test_map.items()},
         **({"val_mAP": {f"k{k}": (100.0 * m).tolist() for k, m in res.val_map.items()}} if res.val_map else {}),
         "samples_file": str(samples_path), "seconds": res.seconds, "peak_rss_mb": rss, "solver": res.solver}
-    ckpt = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
-    write_metrics(cfg.out, stage="eval", benchmark="lowshot", metrics=metrics, config=to_dict(cfg), start=start,
-                  checkpoint=ckpt, checkpoint_md5=fs.meta.get("checkpoint_key") if ckpt else None)
-    print("lowshot: " + ", ".join(f"k{k} {row['mean']:.2f}±{row['std']:.2f}" for k, row in summary.items())
-          + f" ({cfg.selection}-selected cost, {res.seconds:.1f}s, peak RSS {rss:.0f} MiB)", flush=True)
+    line = ("lowshot: " + ", ".join(f"k{k} {row['mean']:.2f}±{row['std']:.2f}" for k, row in summary.items())
+            + f" ({cfg.selection}-selected cost, {res.seconds:.1f}s, peak RSS {rss:.0f} MiB)")
+    report(cfg, "lowshot", metrics, start, line, fs.meta.get("checkpoint_key"))
     return metrics
-
-
-def main(argv: list[str]) -> int:
-    from evaluate.cli import run_evaluator
-    return run_evaluator(LowShotConfig, run, argv, "mocobench eval lowshot",
-                         "Low-shot VOC07 SVMs (k positives + (C-1)k negatives per class, 5 samples per k, VISSL "
-                         "protocol); writes OUT/metrics.json and OUT/lowshot_samples.npz.",
-                         Path(__file__).parent / "configs" / "lowshot")

@@ -6,7 +6,7 @@ Protocol (defaults are the published values):
   data     the SimCLR subsets of ImageNet train (Chen et al. 2020, `1percent.txt` / `10percent.txt`: one
            file name per line, e.g. `n01440764_10026.JPEG`), read from `--subset-list`; without a list the
            subset is made deterministically from the ImageFolder (class-balanced, seeded; see
-           `evaluate.datasets.make_subset_list`) -- a stand-in with the same size, not the published list.
+           `mocobench.evaluate.datasets.make_subset_list`) -- a stand-in with the same size, not the published list.
   model    torchvision ResNet with the checkpoint's backbone, new fc (2048 -> classes) ~ N(0, 0.01), bias 0
            (MMSelfSup ClsHead init); BN layers train (SyncBN across GPUs in DDP on CUDA, as the configs).
   train    RandomResizedCrop(224) + horizontal flip; val Resize(256) + CenterCrop(224).
@@ -40,18 +40,19 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
-from evaluate.datasets import distributed_loaders, write_subset_list
-from evaluate.features import check_checkpoint
-from evaluate.linear import topk_correct
-from pretrain import distributed as dist
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from pretrain.checkpoints import atomic_save, build_model, safe_load
-from pretrain.config import ConfigError, option, to_dict
-from results.records import now_iso, write_metrics
+from mocobench.checkpoints.models import model_from_checkpoint
+from mocobench.checkpoints.safe_load import safe_load
+from mocobench.core import distributed as dist
+from mocobench.core.atomic import atomic_save
+from mocobench.core.config import option
+from mocobench.core.errors import ConfigError
+from mocobench.core.records import now_iso
+from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from mocobench.evaluate import datasets
+from mocobench.evaluate.linear import topk_correct
+from mocobench.evaluate.report import check_checkpoint, report
 
-CONFIG_DIR = Path(__file__).parent / "configs" / "semisup"
 WEIGHT_DECAY = {"1pct": 5e-4, "10pct": 1e-4}  # MMSelfSup imagenet_1percent / imagenet_10percent configs
-
 
 
 @dataclass
@@ -126,8 +127,7 @@ def train_transform(size: int):
 
 def build_datasets(cfg: SemisupConfig):
     """(labelled subset of the train split, val split)."""
-    from evaluate import datasets
-    root = datasets.resolve_data(cfg.data, "imagefolder")
+    root = datasets.dataset_root(cfg.data, "imagefolder")
     train = datasets.image_folder(root, cfg.train_split, train_transform(cfg.image_size))
     val = datasets.image_folder(root, cfg.val_split, eval_transform(cfg.resize, cfg.crop))
     labelled = datasets.subset(train, cfg.subset_list or cfg.subset, seed=cfg.seed)
@@ -138,7 +138,7 @@ def build_datasets(cfg: SemisupConfig):
 def build_classifier(checkpoint: str, num_classes: int, seed: int) -> nn.Module:
     """The checkpoint's backbone + a new fc ~ N(0, 0.01), bias 0; every parameter trainable, BN in train mode."""
     torch.manual_seed(seed)  # random:ARCH baselines and the fc init
-    model, _ = build_model(checkpoint, num_classes=num_classes)
+    model, _ = model_from_checkpoint(checkpoint, num_classes=num_classes)
     nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(model.fc.bias)
     return model.requires_grad_(True).train()
@@ -179,7 +179,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool) -> dict[
 
 
 def _loaders(cfg: SemisupConfig, labelled, val, device: torch.device):
-    return distributed_loaders(labelled, val, cfg.batch_size, cfg.workers, cfg.seed, device)
+    return datasets.distributed_loaders(labelled, val, cfg.batch_size, cfg.workers, cfg.seed, device)
 
 
 def train_cell(cfg: SemisupConfig, lr: float, mult: float, num_classes: int, loaders, device: torch.device,
@@ -270,7 +270,8 @@ def run(cfg: SemisupConfig) -> dict:
               f"val {len(val)}; grid lr {cfg.lrs} x head {cfg.head_mults}, {cfg.epochs} epochs, "
               f"{dist.world_size()} process(es) on {device}", flush=True)
     if main_rank:  # the labelled images actually used, in the list format (reusable as --subset-list)
-        write_subset_list([f"{Path(p).parent.name}/{Path(p).name}" for p, _ in labelled.samples], out / "subset.txt")
+        names = [f"{Path(p).parent.name}/{Path(p).name}" for p, _ in labelled.samples]
+        datasets.write_subset_list(names, out / "subset.txt")
     cells = {}
     for lr, mult in grid_cells(cfg):
         name = cell_name(lr, mult)
@@ -286,16 +287,6 @@ def run(cfg: SemisupConfig) -> dict:
     metrics["details"] |= {"labelled_images": len(labelled), "subset_file": str(out / "subset.txt"),
                            "subset_source": cfg.subset_list or f"made from the data (seed {cfg.seed})"}
     if main_rank:
-        ckpt = Path(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else None
-        write_metrics(out, stage="eval", benchmark="semisup", metrics=metrics, config=to_dict(cfg), start=start,
-                      checkpoint=ckpt)
-        print(f"semisup: best {metrics['details']['best_cell']}: top1 {metrics['top1']:.2f} "
-              f"top5 {metrics['top5']:.2f} -> {out / 'metrics.json'}", flush=True)
+        report(cfg, "semisup", metrics, start, f"semisup: best {metrics['details']['best_cell']}: "
+               f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}")
     return metrics
-
-
-def main(argv: list[str]) -> int:
-    from evaluate.cli import run_evaluator
-    return run_evaluator(SemisupConfig, run, argv, "mocobench eval semisup",
-                         "Semi-supervised fine-tuning of the whole network on the 1%/10% ImageNet subsets "
-                         "(MMSelfSup recipe: 20 epochs, lr x head-multiplier grid).", CONFIG_DIR)

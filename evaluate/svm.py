@@ -22,17 +22,21 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from evaluate.ap import step_ap, voc_ap
-from evaluate.features import FeatureFileError, FeatureSourceConfig, load_features, peak_rss_mb, resolve_features
-from evaluate.svm_solver import PRECISIONS, SKLEARN_MAX_ITER, l2_normalize, make_solver
-from pretrain.config import ConfigError, option, to_dict
-from results.records import now_iso, write_metrics
+from mocobench.core.config import option
+from mocobench.core.errors import ConfigError, FeatureFileError
+from mocobench.core.records import now_iso
+from mocobench.evaluate.ap import step_ap, voc_ap
+from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
+from mocobench.evaluate.feature_file import load_features
+from mocobench.evaluate.report import peak_rss_mb, report
+from mocobench.evaluate.svm_problem import l2_normalize
+from mocobench.evaluate.svm_process import configure_svm_process
+from mocobench.evaluate.svm_reference import SKLEARN_MAX_ITER
+from mocobench.evaluate.svm_solver import PRECISIONS, make_solver
 
 VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
 
@@ -61,8 +65,6 @@ class SVMSolverOptions:
             raise ConfigError(f"unknown solver {self.solver!r}; expected torch or sklearn")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.threads > 0:
-            torch.set_num_threads(self.threads)
 
     def make_solver(self, train: np.ndarray, evals: dict[str, np.ndarray]):
         return make_solver(self.solver, train, evals, device=self.device, precision=self.precision, tol=self.tol,
@@ -212,6 +214,7 @@ def solver_details(solver) -> dict:
 
 def run(cfg: SVMConfig) -> dict:
     start = now_iso()
+    configure_svm_process(cfg.solver, cfg.device, cfg.threads)
     if cfg.folds < 2:
         raise ConfigError(f"folds must be >= 2, got {cfg.folds}")
     path = resolve_features(cfg)
@@ -232,16 +235,7 @@ def run(cfg: SVMConfig) -> dict:
         "cv_ap": {n: [float(v) for v in row] for n, row in zip(names, res.cv_ap)},
         "classes_without_test_positives": [n for n, a in zip(names, res.test_ap) if np.isnan(a)],
         "seconds": res.seconds, "peak_rss_mb": rss, "solver": res.solver}
-    ckpt = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
-    write_metrics(cfg.out, stage="eval", benchmark="svm", metrics=metrics, config=to_dict(cfg), start=start,
-                  checkpoint=ckpt, checkpoint_md5=fs.meta.get("checkpoint_key") if ckpt else None)
-    print(f"svm: mAP {metrics['mAP']:.2f} over {num_classes} classes ({cfg.solver} solver, "
-          f"{res.seconds['total']:.1f}s, peak RSS {rss:.0f} MiB) -> {Path(cfg.out) / 'metrics.json'}", flush=True)
+    line = (f"svm: mAP {metrics['mAP']:.2f} over {num_classes} classes ({cfg.solver} solver, "
+            f"{res.seconds['total']:.1f}s, peak RSS {rss:.0f} MiB)")
+    report(cfg, "svm", metrics, start, line, fs.meta.get("checkpoint_key"))
     return metrics
-
-
-def main(argv: list[str]) -> int:
-    from evaluate.cli import run_evaluator
-    return run_evaluator(SVMConfig, run, argv, "mocobench eval svm",
-                         "VOC07 linear SVMs (VISSL/MMSelfSup protocol: per-class cost by 3-fold CV AP on trainval, "
-                         "all-point test AP); writes OUT/metrics.json.", Path(__file__).parent / "configs" / "svm")

@@ -13,8 +13,7 @@ import random
 from PIL import ImageFilter
 from torchvision import transforms
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 class GaussianBlur:
@@ -53,9 +52,3 @@ def moco_augmentation(size: int = 224, aug_plus: bool = False, crop_min: float =
                transforms.ColorJitter(jitter, jitter, jitter, 0.4 if hue is None else hue)]
     ops += [transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
     return transforms.Compose(ops)
-
-
-def eval_transform(resize: int = 256, crop: int = 224):
-    """Resize + CenterCrop + normalize: the evaluation transform of main_lincls.py (256 -> 224)."""
-    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

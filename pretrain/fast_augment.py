@@ -27,37 +27,14 @@ import math
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision import io as tvio
 from torchvision.transforms.v2 import functional as TF
 
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, TwoCropsTransform  # noqa: F401  (re-exported)
-from pretrain.data import _load_rgb
+from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 _LUMA = torch.tensor([[0.299, 0.587, 0.114]])
-
-
-# --- decoding -------------------------------------------------------------------------------------------
-def decode_rgb(path) -> torch.Tensor:
-    """Read an image file into a 3xHxW uint8 RGB tensor (torchvision.io; PIL for formats it cannot read).
-
-    Raises OSError for unreadable files, like PIL, so `RobustImageFolder` skips them the same way.
-    """
-    try:
-        img = tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
-        if img.dtype == torch.uint8:
-            return img
-    except (RuntimeError, ValueError):
-        pass  # not JPEG/PNG/WEBP/GIF or an exotic variant: let PIL try (it raises OSError if it cannot)
-    return pil_to_uint8(_load_rgb(str(path)))  # also 16-bit PNGs: converted exactly as the PIL pipeline does
-
-
-def pil_to_uint8(img) -> torch.Tensor:
-    """PIL RGB image -> 3xHxW uint8 tensor."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 # --- the ops, each with explicit parameters (tested one by one against PIL) ----------------------------
@@ -183,7 +160,7 @@ class ViewParams:
 
 class TensorMocoAugmentation:
     """One MoCo view from a 3xHxW uint8 tensor; same arguments and distribution as
-    `pretrain.augment.moco_augmentation`. Random numbers come from Python's `random` (cheap scalar draws;
+    `mocobench.pretrain.augment.moco_augmentation`. Random numbers come from Python's `random` (cheap scalar draws;
     DataLoader seeds it per worker, as it does torch's).
 
     v1 (aug_plus=False): crop, grayscale p, jitter (always, hue 0.4), flip.
@@ -278,5 +255,5 @@ def reference_apply(img, p: ViewParams, aug: TensorMocoAugmentation) -> torch.Te
 
 def tensor_moco_augmentation(size: int = 224, aug_plus: bool = False, crop_min: float = 0.2, jitter: float = 0.4,
                              hue: float | None = None, blur_sigma=(0.1, 2.0), grayscale_p: float = 0.2):
-    """Drop-in for `pretrain.augment.moco_augmentation` taking decoded uint8 tensors (`decode_rgb`)."""
+    """Drop-in for `mocobench.pretrain.augment.moco_augmentation` taking decoded uint8 tensors (`decode_rgb`)."""
     return TensorMocoAugmentation(size, aug_plus, crop_min, jitter, hue, blur_sigma, grayscale_p)

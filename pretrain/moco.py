@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.distributed import broadcast, concat_all_gather, rank, world_size
+from mocobench.core.distributed import broadcast, concat_all_gather, rank, world_size
 
 
 class MoCo(nn.Module):

@@ -4,7 +4,7 @@ atomic resumable checkpoints and per-step metrics.
 
     mocobench pretrain --config moco_v2 --data /datasets/imagenet --out runs/v2     # ImageNet (root/train)
     mocobench pretrain --config demo --out runs/demo                                 # embedded demo data
-    torchrun --nproc_per_node 8 -m pretrain.train --config moco_v2 --data ... --out ...
+    torchrun --nproc_per_node 8 -m mocobench.pretrain.train --config moco_v2 --data ... --out ...
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import itertools
 import json
 import math
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -25,16 +24,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pretrain import distributed as dist
-from pretrain.augment import TwoCropsTransform, moco_augmentation
-from pretrain.distributed import amp_dtype
-from pretrain.backbones import build_backbone
-from pretrain.checkpoints import atomic_save, safe_load
-from pretrain.config import ConfigError, option, parse_config, save_config, to_dict
-from pretrain.data import DataError, RobustImageFolder, collate_with_skips
-from pretrain.fast_augment import TensorMocoAugmentation, decode_rgb
-from pretrain.moco import MoCo
-from results.records import now_iso, write_metrics
+from mocobench.checkpoints.safe_load import safe_load
+from mocobench.core import distributed as dist
+from mocobench.core.atomic import atomic_save
+from mocobench.core.backbones import build_backbone
+from mocobench.core.config import option, parse_config, save_config, to_dict
+from mocobench.core.distributed import amp_dtype
+from mocobench.core.errors import ConfigError, DataError
+from mocobench.core.imagefolder import RobustImageFolder, collate_with_skips
+from mocobench.core.images import decode_rgb
+from mocobench.core.records import CHECKPOINT_NAME, CHECKPOINT_RE, new_run_id, now_iso, write_metrics
+from mocobench.pretrain.augment import TwoCropsTransform, moco_augmentation
+from mocobench.pretrain.fast_augment import TensorMocoAugmentation
+from mocobench.pretrain.moco import MoCo
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CPU_CHANNELS_LAST_MIN_SIZE = 128  # fp32 on CPUs without fast bf16: channels_last pays from here (resolve_fast_path)
@@ -152,11 +154,10 @@ def seed_everything(seed: int) -> None:
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------
-CKPT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
 
 
 def list_checkpoints(out: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in out.glob("checkpoint_*.pth.tar") if (m := CKPT_RE.search(p.name))]
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint_*.pth.tar") if (m := CHECKPOINT_RE.search(p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -166,24 +167,26 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, model: MoCo, optimizer, epoch: int, cfg: PretrainConfig, step: int,
-                    train_seconds: float = 0.0, keep: int = 0, rngs: list[dict] | None = None) -> Path:
+                    train_seconds: float = 0.0, keep: int = 0, rngs: list[dict] | None = None,
+                    run_id: str | None = None) -> Path:
     """Official layout: epoch (epochs done), arch, state_dict with `module.` keys, optimizer; plus ours.
 
-    `rngs`: every rank's RNG state (rank order) for a multi-rank run; `rng` is always rank 0's (this one's)."""
-    state = {"epoch": epoch + 1, "arch": cfg.arch,
+    `rngs`: every rank's RNG state (rank order) for a multi-rank run; `rng` is always rank 0's (this one's).
+    `run_id`: the run's identity, which every downstream metrics.json records (core/records.py)."""
+    state = {"epoch": epoch + 1, "arch": cfg.arch, "run_id": run_id,
              "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
              "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rngs[0] if rngs else rng_state(),
              **({"rng_per_rank": rngs} if rngs and len(rngs) > 1 else {}),
              "global_step": step, "queue_ids": model.queue_ids.clone(), "train_seconds": train_seconds}
-    path = atomic_save(state, out / f"checkpoint_{epoch:04d}.pth.tar")
+    path = atomic_save(state, out / CHECKPOINT_NAME.format(epoch=epoch))
     if keep > 0:
         for old in list_checkpoints(out)[:-keep]:
             old.unlink(missing_ok=True)
     return path
 
 
-def load_for_resume(path: Path, model: MoCo, optimizer) -> tuple[int, int, float]:
-    """Restore a run; returns (start_epoch, global_step, training seconds so far)."""
+def load_for_resume(path: Path, model: MoCo, optimizer) -> tuple[int, int, float, str | None]:
+    """Restore a run; returns (start_epoch, global_step, training seconds so far, run id)."""
     ckpt = safe_load(path)
     state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
     model.load_state_dict(state)
@@ -195,7 +198,8 @@ def load_for_resume(path: Path, model: MoCo, optimizer) -> tuple[int, int, float
         set_rng_state(per_rank[dist.rank()])
     elif "rng" in ckpt:  # single-process run, or resumed with another world size
         set_rng_state(ckpt["rng"])
-    return int(ckpt["epoch"]), int(ckpt.get("global_step", 0)), float(ckpt.get("train_seconds", 0.0))
+    return (int(ckpt["epoch"]), int(ckpt.get("global_step", 0)), float(ckpt.get("train_seconds", 0.0)),
+            ckpt.get("run_id"))
 
 
 # --- the fast path ----------------------------------------------------------------------------------------
@@ -274,15 +278,15 @@ class RunLog:
                 f.close()
 
 
-def resolve_data(cfg: PretrainConfig) -> Path:
+def train_folder(cfg: PretrainConfig) -> Path:
     if cfg.data == "demo":
-        from pretrain.demo_data import ensure_demo_data
+        from mocobench.core.demo_data import ensure_demo_data
         return Path(ensure_demo_data().imagefolder) / "train"
     root = Path(cfg.data)
     return root / "train" if (root / "train").is_dir() else root
 
 
-def build_model(cfg: PretrainConfig, world: int) -> MoCo:
+def build_moco(cfg: PretrainConfig, world: int) -> MoCo:
     def encoder(num_classes):
         return build_backbone(cfg.arch, num_classes=num_classes, width=cfg.width)
     return MoCo(encoder, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
@@ -301,21 +305,22 @@ def run(cfg: PretrainConfig) -> dict:
     start_time = now_iso()
     seed_everything(cfg.seed + dist.rank())
 
-    model = build_model(cfg, world).to(device)
+    model = build_moco(cfg, world).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start_epoch, step, seconds_before = 0, 0, 0.0
+    start_epoch, step, seconds_before, run_id = 0, 0, 0.0, None
     resume = latest_checkpoint(out) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
     if resume is not None:
-        start_epoch, step, seconds_before = load_for_resume(resume, model, optimizer)
+        start_epoch, step, seconds_before, run_id = load_for_resume(resume, model, optimizer)
+    run_id = run_id or new_run_id()
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world > 1 else model)
 
     augmentation = TensorMocoAugmentation if cfg.loader == "tensor" else moco_augmentation
     transform = TwoCropsTransform(augmentation(cfg.image_size, cfg.aug_plus, cfg.crop_min, cfg.jitter,
                                                blur_sigma=cfg.blur_sigma))
-    dataset = RobustImageFolder(resolve_data(cfg), transform, strict=cfg.strict_data)
+    dataset = RobustImageFolder(train_folder(cfg), transform, strict=cfg.strict_data)
     if cfg.loader == "tensor":
         dataset.loader = decode_rgb
     per_rank = cfg.batch_size // world
@@ -377,7 +382,7 @@ def run(cfg: PretrainConfig) -> dict:
             rngs = dist.all_gather_object(rng_state())  # every rank's, so a resume continues each exactly
             if main_rank:
                 save_checkpoint(out, model, optimizer, epoch, cfg, step, seconds_before + time.time() - t_start,
-                                cfg.keep_checkpoints, rngs)
+                                cfg.keep_checkpoints, rngs, run_id)
         dist.barrier()
 
     if end_epoch < cfg.epochs:  # paused on purpose: no metrics.json until the run is complete
@@ -389,10 +394,8 @@ def run(cfg: PretrainConfig) -> dict:
     if main_rank:
         last = latest_checkpoint(out)
         write_metrics(out, stage="pretrain", benchmark="moco", metrics=metrics, config=to_dict(cfg),
-                      start=start_time, checkpoint=last)
-        from results.plots import plot_pretrain_curves
-        plot_pretrain_curves({cfg.arch: out}, out / "loss_curve.png")
-        log.line(f"done: {last}, loss curve {out / 'loss_curve.png'}"
+                      start=start_time, checkpoint=last, run_id=run_id)
+        log.line(f"done: {last}; `mocobench results {out}` tabulates it and plots its loss curve"
                  + (f"; {len(bad_files)} unreadable images skipped" if bad_files else ""))
     log.close()
     return metrics

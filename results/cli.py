@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from results.gather import aggregate, gather
+from mocobench.results.gather import aggregate, gather
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
               "(each stage writes DIR/metrics.json into its --out DIR)", file=sys.stderr)
         return 2
 
-    from results.tables import write_tables  # noqa: E402 (pandas-only import kept near its use)
+    from mocobench.results.tables import write_tables  # noqa: E402 (pandas-only import kept near its use)
     written = write_tables(gathered, out)
     if args.plots:
-        from results import plots
+        from mocobench.results import plots
         summary = aggregate(gathered.frame)
         if gathered.pretrain_dirs:
             written["pretrain_curves.png"] = plots.plot_pretrain_curves(gathered.pretrain_dirs,

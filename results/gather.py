@@ -7,10 +7,11 @@ One row per (checkpoint, variant, benchmark, metric, trial) with its value, plus
   run's variant is derived from its config — the method (v1 / v2 from mlp, aug_plus, cos) plus the config
   fields whose values differ between the sweep's runs of that method (seeds and bookkeeping excluded) —
   and its trial is the config's `trial` or `seed` (renumbered by path when those collide);
-* an evaluator / transfer record is linked to its pretrain run by, in order: stage.json (checkpoint_id,
-  then variant + trial),
-  the checkpoint md5, the checkpoint's directory, or the directory layout (the nearest enclosing directory
-  that holds exactly one pretrain run). Checkpoints of the official releases are recognised by md5.
+* an evaluator / transfer record is linked to its pretrain run by identity, never by where files lie:
+  the `run_id` its checkpoint carries (every mocobench pretrain checkpoint stores its run's id, and the
+  record's `checkpoint.run_id` repeats it), else the checkpoint md5 (a foreign checkpoint that a pretrain
+  record also names). Checkpoints of the official releases are recognised by md5; anything else is
+  listed as "unlinked" with a warning. A sweep's stage.json only names the variant, trial and checkpoint.
 
 Aggregation over trials is mean ± population std (ddof=0), which reproduces the official README's
 "60.8±0.2 / 67.5±0.1" from its listed trials (facebookresearch/moco README).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings as _warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +28,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from results import published
-from results.records import read_metrics
+from mocobench.core.records import CHECKPOINT_RE, STAGE_FILE, read_metrics
+from mocobench.results import published
 
-STAGE_FILE = "stage.json"
 TIDY_COLUMNS = ["checkpoint", "variant", "benchmark", "metric", "trial", "value"]
 RUN_COLUMNS = ["model", "method", "official", "arch", "epochs", "setting", "stage", "run", "link",
                "ckpt_md5", "ckpt_path", "mlp", "aug_plus", "cos", "layer"]
 # Config fields that never distinguish variants: seeds, paths, logging, pure speed switches.
 BOOKKEEPING = {"seed", "trial", "out", "resume", "workers", "print_freq", "save_freq", "keep_checkpoints",
                "dist_backend", "strict_data", "channels_last", "mlp", "aug_plus", "cos"}
-CKPT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
 
 
 @dataclass
@@ -53,6 +51,9 @@ class Record:
     ckpt_path: str | None
     ckpt_md5: str | None
     stage_info: dict | None
+    run_id: str | None = None         # the record's own run (a pretrain's id is in its checkpoints)
+    ckpt_run_id: str | None = None    # the pretrain run that wrote the evaluated checkpoint
+    ckpt_epoch: int | None = None     # epochs done by the evaluated checkpoint
 
 
 @dataclass
@@ -129,7 +130,8 @@ def load_record(path: Path, root: Path) -> Record:
     return Record(path=path, run=run or ".", stage=str(rec["stage"]),
                   benchmark=benchmark_name(str(rec["stage"]), str(rec["benchmark"]), config),
                   metrics=flat_numbers(rec["metrics"]), config=config,
-                  ckpt_path=ckpt.get("path"), ckpt_md5=ckpt.get("md5"), stage_info=stage_info)
+                  ckpt_path=ckpt.get("path"), ckpt_md5=ckpt.get("md5"), stage_info=stage_info,
+                  run_id=rec.get("run_id"), ckpt_run_id=ckpt.get("run_id"), ckpt_epoch=ckpt.get("epoch"))
 
 
 def _fmt_value(v) -> str:
@@ -161,7 +163,7 @@ def _short(md5: str | None) -> str:
 
 def _ckpt_epoch(path: str | None) -> int | None:
     """Epochs done by a `checkpoint_NNNN.pth.tar` (NNNN is the 0-based epoch index)."""
-    m = CKPT_RE.search(path or "")
+    m = CHECKPOINT_RE.search(path or "")
     return int(m.group(1)) + 1 if m else None
 
 
@@ -211,47 +213,26 @@ def identify_pretrain(records: list[Record]) -> dict[int, Ident]:
     return idents
 
 
-def _link(rec: Record, records: list[Record], pre: dict[int, Ident], root: Path) -> tuple[int | None, str]:
-    """Index of the pretrain record an evaluator record belongs to, and how it was found."""
-    if rec.stage_info and rec.stage_info.get("checkpoint_id") is not None:
-        want = rec.stage_info["checkpoint_id"]
-        hits = [i for i in pre if (records[i].stage_info or {}).get("checkpoint_id") == want]
+def _link(rec: Record, records: list[Record], pre: dict[int, Ident]) -> tuple[int | None, str]:
+    """Index of the pretrain record an evaluator record belongs to, and by which identity ("run id", "md5")."""
+    if rec.ckpt_run_id:
+        hits = [i for i in pre if records[i].run_id == rec.ckpt_run_id]
         if len(hits) == 1:
-            return hits[0], "stage.json"
-    if rec.stage_info and rec.stage_info.get("variant") is not None:
-        want = (str(rec.stage_info["variant"]), _stage_trial(rec.stage_info))
-        hits = [i for i, ident in pre.items() if (ident.variant, ident.trial) == want]
-        if len(hits) == 1:
-            return hits[0], "stage.json"
+            return hits[0], "run id"
     if rec.ckpt_md5:
         hits = [i for i in pre if records[i].ckpt_md5 == rec.ckpt_md5]
         if len(hits) == 1:
             return hits[0], "md5"
-    if rec.ckpt_path:
-        parent = str(Path(rec.ckpt_path).parent)
-        hits = [i for i in pre if (records[i].ckpt_path and str(Path(records[i].ckpt_path).parent) == parent)
-                or str(records[i].path.parent.resolve()) == parent]
-        if len(hits) == 1:
-            return hits[0], "checkpoint dir"
-    here = rec.path.parent.resolve()
-    root = root.resolve()
-    for anc in [here, *here.parents]:
-        inside = [i for i in pre if records[i].path.parent.resolve().is_relative_to(anc)]
-        if len(inside) == 1:
-            return inside[0], "layout"
-        if len(inside) > 1 or anc == root:
-            break
     return None, ""
 
 
-def identify_eval(rec: Record, records: list[Record], pre: dict[int, Ident], root: Path) -> Ident:
+def identify_eval(rec: Record, records: list[Record], pre: dict[int, Ident]) -> Ident:
     """Variant / trial / checkpoint of an evaluator or transfer record."""
-    i, how = _link(rec, records, pre, root)
+    i, how = _link(rec, records, pre)
     ckpt_id = (rec.stage_info or {}).get("checkpoint_id") or _short(rec.ckpt_md5)
     if i is not None:
         base = pre[i]
-        epochs = _ckpt_epoch(rec.ckpt_path) if how in ("md5", "checkpoint dir", "stage.json") else None
-        epochs = epochs or base.epochs
+        epochs = rec.ckpt_epoch or _ckpt_epoch(rec.ckpt_path) or base.epochs
         ident = Ident(variant=base.variant, trial=base.trial, checkpoint=ckpt_id or base.checkpoint,
                       method=base.method, official=base.official, arch=base.arch, epochs=epochs,
                       run_epochs=base.run_epochs, setting=base.setting, link=how, flags=dict(base.flags))
@@ -301,7 +282,7 @@ def gather(root: str | Path, strict: bool = False, progress: bool = True) -> Gat
     rows = []
     idents: dict[int, Ident] = {}
     for i, rec in enumerate(records):
-        ident = pre[i] if i in pre else identify_eval(rec, records, pre, root)
+        ident = pre[i] if i in pre else identify_eval(rec, records, pre)
         idents[i] = ident
         if ident.link == "none":
             notes.append(f"{rec.path}: no pretrain run found for checkpoint {rec.ckpt_path!r}; "

@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from results import published  # noqa: E402
-from results.gather import read_curve  # noqa: E402
+from mocobench.results import published  # noqa: E402
+from mocobench.results.gather import read_curve  # noqa: E402
 
 LAYERS = [(f"feature{i}/top1", f"Feature{i}") for i in range(1, 6)] + [("avgpool/top1", "AvgPool")]
 
@@ -144,7 +144,7 @@ def _share_y(axes_list) -> None:
 
 def plot_lowshot(summary: pd.DataFrame, out_png: str | Path) -> Path | None:
     """VOC07 low-shot SVM mAP vs k (log2 axis), mean ± std over trials per model; published curves dashed
-    for models of the official recipe. `summary` is `results.gather.aggregate(frame)`. None if no data."""
+    for models of the official recipe. `summary` is `mocobench.results.gather.aggregate(frame)`. None if no data."""
     rows = summary[(summary["benchmark"] == "lowshot") & summary["metric"].str.match(r"^k\d+/mAP_mean$")]
     if rows.empty:
         return None

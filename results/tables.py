@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from results import published
-from results.gather import Gathered, aggregate, population_std
+from mocobench.results import published
+from mocobench.results.gather import Gathered, aggregate, population_std
 
 DASH = "—"
 

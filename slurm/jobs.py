@@ -106,7 +106,6 @@ def slurm_responds(timeout: float = 10) -> bool:
     return out.returncode == 0 and any(s.startswith(("idle", "mixed", "alloc")) for s in out.stdout.split())
 
 
-
 def _pid_is_submitit(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import submitit
 
-from slurm import state
+from mocobench.core.commands import dispatch
+from mocobench.slurm import state
+
+# `call: cli` payloads: the command their argv starts with -> "module:function" taking the rest of argv
+CLI_COMMANDS: dict[str, tuple[str, str]] = {
+    "transfer": ("mocobench.transfer.cli:main", "detectron2 transfer (a sweep's transfer stages)"),
+}
 
 
 class StageError(RuntimeError):
@@ -38,7 +44,7 @@ def job_environment():
 
 def _demo_data_root() -> str:
     """The embedded demo data's root: transfer reads ROOT/VOCdevkit/VOC2007 and ROOT/coco from it."""
-    from pretrain.demo_data import ensure_demo_data
+    from mocobench.core.demo_data import ensure_demo_data
     return str(ensure_demo_data().root)
 
 
@@ -91,7 +97,6 @@ class StageJob(submitit.helpers.Checkpointable):
         fn(cls(**self.payload["config"]))
 
     def _run_cli(self, env) -> None:
-        from mocobench.cli import main as mocobench_main
         argv = list(self.payload["argv"])
         root = self.payload.get("data_root", "")
         argv += ["--data-root", _demo_data_root() if root == "demo" else root]
@@ -102,7 +107,7 @@ class StageJob(submitit.helpers.Checkpointable):
         argv.append("--resume")  # detectron2 resumes from OUT/detectron2/last_checkpoint if there is one
         argv += list(self.payload.get("opts", []))
         print(f"stage {self.stage_id}: mocobench {' '.join(argv)}", flush=True)
-        rc = mocobench_main(argv)
+        rc = dispatch(CLI_COMMANDS, argv, "mocobench", "command", "")
         if rc:
             raise StageError(f"{self.stage_id}: `mocobench {' '.join(argv[:2])}` exited with status {rc}")
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import ConfigError, apply_overrides, load_yaml, option
+from mocobench.core.config import apply_overrides, load_yaml, option
+from mocobench.core.errors import ConfigError
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
 

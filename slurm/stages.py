@@ -4,8 +4,8 @@ resolved config (checked against the stage's config dataclass: unknown fields ar
 its dependencies and a hash of the resolved config that decides whether a finished result is reused.
 
 Stage kinds and what runs inside the job (`slurm/runner.py`):
-  pretrain   `pretrain.train.run(PretrainConfig)`             (DDP: one task per GPU)
-  eval       `evaluate.<evaluator>.run(<Config>)`             evaluators listed in evaluate/cli.py
+  pretrain   `mocobench.pretrain.train.run(PretrainConfig)`             (DDP: one task per GPU)
+  eval       `evaluate.<evaluator>.run(<Config>)`             evaluators listed in evaluate/registry.py
   transfer   `mocobench transfer detectron2 --recipe R ...`   (one task per node; detectron2 launches
                                                                its per-GPU workers itself)
 Layout below the sweep dir: `<variant>/trial<t>/pretrain`, `<variant>/trial<t>/<benchmark entry>`
@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import ConfigError, apply_overrides, load_yaml, option, to_dict
-from slurm import spec as sp
+from mocobench.core.config import apply_overrides, load_yaml, option, to_dict
+from mocobench.core.errors import ConfigError
+from mocobench.evaluate.registry import EVALUATORS
+from mocobench.slurm import spec as sp
+from mocobench.transfer.recipes import RECIPES
 
 EXTERNAL_DIR = "external"
 BASELINE_DIR = "baseline"
@@ -72,38 +73,18 @@ class Kind:
     recipe: Any = None
 
 
-def _config_class(fn, where: str) -> type:
-    hints = typing.get_type_hints(fn)
-    params = [p for p in hints if p != "return"]
-    cls = hints[params[0]] if params else None
-    if cls is None or not dataclasses.is_dataclass(cls):
-        raise ConfigError(f"{where}: {fn.__module__}.{fn.__name__} does not take a dataclass config")
-    return cls
-
-
 def stage_kind(benchmark: str, where: str) -> Kind:
-    """The evaluator or detectron2 recipe named `benchmark`, or a ConfigError listing the valid names."""
+    """Pretraining, the evaluator of evaluate/registry.py or the detectron2 recipe named `benchmark`, or a
+    ConfigError listing the valid names."""
     if benchmark in ("pretrain", "moco"):
-        from pretrain import train
-        return Kind("pretrain", "pretrain.train", "run", train.PretrainConfig, train.CONFIG_DIR)
-    from evaluate.cli import EVALUATORS
-    from transfer.recipes import RECIPES
+        from mocobench.pretrain import train
+        return Kind("pretrain", "mocobench.pretrain.train", "run", train.PretrainConfig, train.CONFIG_DIR)
     if benchmark in EVALUATORS:
-        module_name = EVALUATORS[benchmark][0]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            raise ConfigError(f"{where}: benchmark {benchmark!r} needs {module_name}, which is not installed") from None
-        fn_name = "run" if hasattr(module, "run") else f"run_{benchmark}"
-        fn = getattr(module, fn_name, None)
-        if fn is None:
-            raise ConfigError(f"{where}: {module_name} has no run(cfg) function")
-        search = Path(module.__file__).parent / "configs" / benchmark
-        return Kind("eval", module_name, fn_name, _config_class(fn, where), search if search.is_dir() else None)
+        ev = EVALUATORS[benchmark]
+        config_class, _ = ev.load()
+        return Kind("eval", ev.module, "run", config_class, ev.config_dir)
     if benchmark in RECIPES:
-        return Kind("transfer", "transfer.cli", "main", TransferFields, recipe=RECIPES[benchmark])
+        return Kind("transfer", "mocobench.transfer.cli", "main", TransferFields, recipe=RECIPES[benchmark])
     raise ConfigError(f"{where}: unknown benchmark {benchmark!r}; evaluators: {', '.join(EVALUATORS)}; "
                       f"detectron2 recipes: {', '.join(RECIPES)}")
 

@@ -1,12 +1,12 @@
 """What a sweep leaves in each stage directory, next to the stage's own outputs:
 
-  stage.json      written by `mocobench sweep` (only): identity for the results tables (variant, trial,
-                  stage, checkpoint_id), the stage id, kind, benchmark, config hash, dependencies,
-                  resources, the payload the job runs, and every job submitted for it
+  stage.json      written by `mocobench sweep` only (slurm/submit.py): identity for the results tables
+                  (variant, trial, stage, checkpoint_id), the stage id, kind, benchmark, config hash,
+                  dependencies, resources, the payload the job runs, and every job submitted for it
                   ({job_id, cluster, submitted, stdout, stderr}).
   attempts.jsonl  appended by the job itself (rank 0): {"event": "start" | "requeue" | "done", job_id,
                   time, host, hash}. Starts of one job id beyond the first are restarts (requeues).
-  metrics.json    written by the stage (results/records.py); a stage is done when it exists and the last
+  metrics.json    written by the stage (core/records.py); a stage is done when it exists and the last
                   "done" event carries the current config hash.
 """
 from __future__ import annotations
@@ -16,9 +16,8 @@ import os
 import socket
 from pathlib import Path
 
-from results.records import now_iso
+from mocobench.core.records import STAGE_FILE, now_iso
 
-STAGE_FILE = "stage.json"
 ATTEMPTS_FILE = "attempts.jsonl"
 METRICS_FILE = "metrics.json"
 

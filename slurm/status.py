@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from slurm import jobs, state
+from mocobench.slurm import jobs, state
 
 SWEEP_FILE = "sweep.json"
 PROBLEM_STATES = ("failed", "timeout", "cancelled")
@@ -60,7 +60,6 @@ def _verdict(stage: dict, info: dict | None, job: dict | None, sched: jobs.JobSt
     if sched.state == "completed":
         return "failed", sched.raw, "the job completed without writing metrics.json for this config"
     return sched.state, sched.raw, sched.reason
-
 
 
 def collect(sweep_dir: str | Path) -> list[StageStatus]:

@@ -15,13 +15,9 @@ from pathlib import Path
 
 import submitit
 
-from slurm.jobs import slurm_responds
+from mocobench.slurm.jobs import slurm_responds, slurm_states
 
 CLUSTER_DIR = Path(__file__).resolve().parent / "cluster"
-
-
-def cluster_state_dir() -> Path:
-    return Path(os.environ.get("MOCOBENCH_SLURM_DIR", "/tmp/mocobench-slurm"))
 
 
 def ensure_cluster(timeout: float = 240) -> str | None:
@@ -63,7 +59,6 @@ def wait_done(job: submitit.Job, timeout: float, poll: float = 0.5) -> None:
 def wait_slurm_job_ended(job_id: str, timeout: float, poll: float = 0.5) -> None:
     """Until Slurm no longer lists `job_id` as pending or running (a stage's files are complete a moment
     before the job step and the batch script end)."""
-    from slurm.jobs import slurm_states
     deadline = time.monotonic() + timeout
     while slurm_states([job_id])[job_id].active:
         if time.monotonic() > deadline:
@@ -123,21 +118,19 @@ class CountingJob(submitit.helpers.Checkpointable):
 
 def tiny_imagefolder(root: str | Path, train_per_class: int = 4, val_per_class: int = 2) -> Path:
     """A few images per class of the embedded demo set as ImageFolder train/ + val/ (made once)."""
-    import shutil as _shutil
-
-    from pretrain.demo_data import ensure_demo_data
+    from mocobench.core.demo_data import ensure_demo_data
     root = Path(root)
     if (root / "val").is_dir():
         return root
     demo = ensure_demo_data()
     tmp = root.with_name(root.name + ".tmp")
-    _shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
         for cls in sorted((Path(demo.imagefolder) / split).iterdir()):
             dst = tmp / split / cls.name
             dst.mkdir(parents=True)
             for f in sorted(cls.iterdir())[:n]:
-                _shutil.copy(f, dst / f.name)
+                shutil.copy(f, dst / f.name)
     tmp.rename(root)
     return root
 

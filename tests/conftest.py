@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-`demo_data`: the embedded demo dataset (pretrain/demo_data.py), generated once per machine into
+`demo_data`: the embedded demo dataset (core/demo_data.py), generated once per machine into
 REPO/.cache/demo-data (gitignored) and reused by every later test run. $MOCOBENCH_DATA is pointed there
 for the whole test session, so code under test that asks for the demo data (`--data demo`,
 `ensure_demo_data()` with no root, subprocesses and submitit jobs) uses the same copy.
@@ -30,8 +30,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def demo_data():
-    """pretrain.demo_data.DemoData for the shared test copy (first use on a machine: ~10 s to build)."""
-    from pretrain.demo_data import ensure_demo_data
+    """mocobench.core.demo_data.DemoData for the shared test copy (first use on a machine: ~10 s to build)."""
+    from mocobench.core.demo_data import ensure_demo_data
     return ensure_demo_data(DEMO_ROOT)
 
 
@@ -39,8 +39,8 @@ def demo_data():
 def demo_checkpoints(tmp_path_factory, demo_data):
     """A 3-step MoCo v2 demo pretrain checkpoint (`pretrain --config demo`) and a random init of the same
     arch, shared by the evaluator end-to-end tests."""
-    from pretrain.config import parse_config
-    from pretrain.train import CONFIG_DIR, PretrainConfig, run
+    from mocobench.core.config import parse_config
+    from mocobench.pretrain.train import CONFIG_DIR, PretrainConfig, run
     out = tmp_path_factory.mktemp("demo_pretrain")
     cfg, _ = parse_config(PretrainConfig, ["--config", "demo", "--epochs", "1", "--steps-per-epoch", "3",
                                            "--workers", "0", "--out", str(out)], "t", "t", search_dir=CONFIG_DIR)

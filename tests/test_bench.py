@@ -12,9 +12,10 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import functional as PF
 
-from pretrain import fast_augment as fa
-from pretrain.augment import GaussianBlur, moco_augmentation
-
+from mocobench.core.images import decode_rgb, pil_to_uint8
+from mocobench.core.transforms import IMAGENET_STD
+from mocobench.pretrain import fast_augment as fa
+from mocobench.pretrain.augment import GaussianBlur, TwoCropsTransform, moco_augmentation
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
@@ -62,7 +63,7 @@ def test_hue_and_crop_match_pil():
         d = (fa.adjust_hue(x.clone(), s) - as255(PF.adjust_hue(pil, s))).abs()
         # PIL works on 8-bit H, S, V and truncates the shift to whole 1/255-turn steps: ~1 grey level apart
         assert d.mean() < 1.0 and d.max() <= 12, (s, d.mean(), d.max())
-    tensor = fa.pil_to_uint8(pil)
+    tensor = pil_to_uint8(pil)
     for box in ((3, 5, 40, 60), (0, 0, 72, 96), (10, 20, 9, 7)):
         d = (fa.resized_crop(tensor, box, 32).float() - as255(PF.resized_crop(pil, *box, [32, 32]))).abs()
         assert d.max() <= 1 and d.mean() < 0.1, (box, d.max())
@@ -95,12 +96,12 @@ def test_views_match_the_official_ops_with_the_same_parameters(aug_plus):
     """Same random draw -> the tensor view and the PIL view agree to about a grey level."""
     random.seed(0)
     aug = fa.TensorMocoAugmentation(40, aug_plus=aug_plus)
-    std255 = torch.tensor(fa.IMAGENET_STD).view(3, 1, 1) * 255
+    std255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
     diffs, bias = [], []
     for i in range(16):
         pil = photo(seed=i)
         p = aug.sample(pil.height, pil.width)
-        d = (aug.apply(fa.pil_to_uint8(pil), p) - fa.reference_apply(pil, p, aug)) * std255  # grey levels
+        d = (aug.apply(pil_to_uint8(pil), p) - fa.reference_apply(pil, p, aug)) * std255  # grey levels
         diffs.append(d.abs().mean().item())
         bias.append(d.mean().item())
     assert max(diffs) < 2.5 and np.mean(diffs) < 1.2, diffs
@@ -162,8 +163,8 @@ def test_parameter_distributions_match_the_official_pipeline(aug_plus):
 
 
 def test_transform_rejects_pil_input_and_two_crops_differ():
-    aug = fa.TwoCropsTransform(fa.tensor_moco_augmentation(16, aug_plus=True))
-    q, k = aug(fa.pil_to_uint8(photo()))
+    aug = TwoCropsTransform(fa.tensor_moco_augmentation(16, aug_plus=True))
+    q, k = aug(pil_to_uint8(photo()))
     assert q.shape == k.shape == (3, 16, 16) and q.dtype == torch.float32 and not torch.equal(q, k)
     with pytest.raises(TypeError, match="uint8 tensor"):
         fa.TensorMocoAugmentation(16)(photo())
@@ -171,7 +172,8 @@ def test_transform_rejects_pil_input_and_two_crops_differ():
 
 # --- decoding -------------------------------------------------------------------------------------------
 def test_decode_rgb_matches_pil_and_fails_like_pil(tmp_path):
-    from pretrain.data import RobustImageFolder, _load_rgb
+    from mocobench.core.imagefolder import RobustImageFolder
+    from mocobench.core.images import load_rgb
     img = photo()
     (tmp_path / "c").mkdir()
     img.save(tmp_path / "c" / "a.png")
@@ -182,14 +184,14 @@ def test_decode_rgb_matches_pil_and_fails_like_pil(tmp_path):
     Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 100)).save(tmp_path / "c" / "e16.png")
     (tmp_path / "c" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     for name, tol in (("a.png", 0), ("d.bmp", 0), ("e16.png", 0), ("b.jpg", 2), ("gray.jpg", 2), ("cmyk.jpg", 3)):
-        ours = fa.decode_rgb(tmp_path / "c" / name)
-        ref = fa.pil_to_uint8(_load_rgb(str(tmp_path / "c" / name)))
+        ours = decode_rgb(tmp_path / "c" / name)
+        ref = pil_to_uint8(load_rgb(str(tmp_path / "c" / name)))
         assert ours.dtype == torch.uint8 and ours.shape == ref.shape == (3, 72, 96), name
         assert (ours.int() - ref.int()).abs().float().mean() <= tol, name
     with pytest.raises(OSError):
-        fa.decode_rgb(tmp_path / "c" / "broken.jpg")
-    ds = RobustImageFolder(tmp_path, fa.TwoCropsTransform(fa.TensorMocoAugmentation(8)))
-    ds.loader = fa.decode_rgb  # how train.py's `loader: tensor` plugs it in
+        decode_rgb(tmp_path / "c" / "broken.jpg")
+    ds = RobustImageFolder(tmp_path, TwoCropsTransform(fa.TensorMocoAugmentation(8)))
+    ds.loader = decode_rgb  # how train.py's `loader: tensor` plugs it in
     broken = next(i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.jpg"))
     views, label, index, skipped = ds[broken]
     assert [v.shape for v in views] == [(3, 8, 8)] * 2 and skipped[0].endswith("broken.jpg") and index != broken
@@ -201,14 +203,14 @@ def last_json(out: str) -> dict:
 
 
 def test_bench_dispatcher(capsys):
-    from benchmarks.cli import main
+    from mocobench.bench.cli import main
     assert main(["--help"]) == 0 and "pretrain" in capsys.readouterr().out
     assert main(["nope"]) == 2 and "unknown benchmark" in capsys.readouterr().err
 
 
 def test_bench_loader_reports_ratio_and_output_statistics(capsys, tmp_path):
-    from benchmarks.cli import main
-    from benchmarks.loader import make_images
+    from mocobench.bench.cli import main
+    from mocobench.bench.loader import make_images
     paths = make_images(tmp_path, 2)
     assert [Image.open(p).size for p in paths] == [(500, 375), (375, 500)]
     assert main(["loader", "--images", "2", "--rounds", "1", "--size", "32"]) == 0
@@ -220,13 +222,13 @@ def test_bench_loader_reports_ratio_and_output_statistics(capsys, tmp_path):
 
 
 def test_bench_pretrain_reports_ratio_flops_and_peaks(capsys):
-    from benchmarks.cli import main
+    from mocobench.bench.cli import main
     assert main(["pretrain", "--arch", "resnet18_small", "--batch-size", "4", "--size", "16", "--rounds", "1",
                  "--steps", "1", "--warmup", "0", "--variants", "official,fast,default", "--peak-sizes", "256"]) == 0
     res = last_json(capsys.readouterr().out)
     off, fast = res["variants"]["official"], res["variants"]["fast"]
     assert (off["amp"], off["channels_last"]) == (False, False) and (fast["amp"], fast["channels_last"]) == (True, True)
-    from pretrain.train import cpu_bf16_is_fast  # "default" = what training resolves to at the bench's 16 px
+    from mocobench.pretrain.train import cpu_bf16_is_fast  # "default" = what training resolves to at the bench's 16 px
     assert (res["variants"]["default"]["amp"], res["variants"]["default"]["channels_last"]) == \
         (torch.cuda.is_available() or cpu_bf16_is_fast(),) * 2
     assert res["ratio"] == pytest.approx(fast["img_s"] / off["img_s"], rel=0.01)  # one round: the plain ratio
@@ -240,7 +242,8 @@ def test_step_flops_match_resnet50_published_count():
     """One MoCo step = query forward + backward (~2x forward) + key forward: ~4x the 4.09 GMAC forward
     (torchvision's published ResNet-50 cost), the backward of the first conv's input excepted."""
     from torchvision.models import ResNet50_Weights
-    from benchmarks.pretrain import StepRunner, moco_v2_config, step_flops
+
+    from mocobench.bench.pretrain import StepRunner, moco_v2_config, step_flops
     cfg = moco_v2_config("resnet50", batch_size=1, size=224)
     runner = StepRunner(cfg, amp=False, channels_last=False, device=torch.device("cpu"))
     per_image = step_flops(runner) / 1
@@ -250,7 +253,7 @@ def test_step_flops_match_resnet50_published_count():
 
 def test_official_and_fast_variants_compute_the_same_step():
     """The benchmark compares like with like: same model, inputs and loss; only precision/layout differ."""
-    from benchmarks.pretrain import StepRunner, moco_v2_config
+    from mocobench.bench.pretrain import StepRunner, moco_v2_config
     cfg = moco_v2_config("resnet18_small", batch_size=4, size=16)
     cfg.moco_k = 64
     runs = [StepRunner(cfg, amp, cl, torch.device("cpu")) for amp, cl in ((False, False), (True, True))]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import svm as bench
+from mocobench.bench import svm as bench
 
 
 def test_synthetic_voc_is_voc_like_and_seeded():
@@ -39,7 +39,7 @@ def test_bench_runs_both_solvers_and_they_agree(capsys, tmp_path):
     assert any(line.startswith("  speedup") for line in out)
     # a features file instead of synthetic data, torch alone
     d = bench.synthetic_voc(80, 60, 16, classes=3)
-    from evaluate.features import write_npz
+    from mocobench.evaluate.feature_file import write_npz
     path = write_npz(tmp_path / "f.npz", d)
     assert bench.main(["--features", str(path), "--solvers", "torch", "--costs", "1"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""Checkpoint formats, safe loading, inspect and convert (pretrain/checkpoints.py, checkpoint_cli.py).
+"""Checkpoint formats, safe loading, inspect and convert (checkpoints/: safe_load, formats, models, convert, cli).
 
 Every fixture is written here, from a random torchvision ResNet, with the key layout of the project that
 produces it (module structure restated from: facebookresearch/moco moco/builder.py, moco-v3
@@ -22,9 +22,12 @@ import pytest
 import torch
 from torch import nn
 
+from mocobench.checkpoints.formats import load_backbone
+from mocobench.checkpoints.models import model_from_checkpoint
+from mocobench.checkpoints.safe_load import safe_load
 from mocobench.cli import main as mocobench
-from pretrain.backbones import build_backbone
-from pretrain.checkpoints import CheckpointError, build_model, load_backbone, safe_load
+from mocobench.core.backbones import build_backbone
+from mocobench.core.errors import CheckpointError
 
 ARCHS = [("resnet18_small", 8), ("resnet50_small", 4)]
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -308,7 +311,7 @@ def test_format_detected_loaded_and_same_features(tmp_path, name, arch, width):
         assert ckpt.state_dict[k].dtype == v.dtype and torch.equal(ckpt.state_dict[k], v), k
     assert ckpt.kept and len(ckpt.md5) == 32 and ckpt.source == str(path)
 
-    model, _ = build_model(path)
+    model, _ = model_from_checkpoint(path)
     assert torch.equal(features(model), features(src))
     if has_fc:  # a supervised classifier keeps its fc: the logits match too
         with torch.no_grad():
@@ -540,36 +543,36 @@ def test_architecture_mismatch_names_the_shapes(tmp_path):
     write_torchvision(tmp_path / "r.pth", make_source("resnet18_small", 8))
     with pytest.raises(CheckpointError, match=r"shapes differ.*conv1\.weight: checkpoint \(8, 3, 3, 3\) vs "
                                               r"model \(16, 3, 3, 3\)"):
-        build_model(tmp_path / "r.pth", width=16)
+        model_from_checkpoint(tmp_path / "r.pth", width=16)
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint.*layer1\.2\.conv1\.weight"):
-        build_model(tmp_path / "r.pth", arch="resnet34_small")
+        model_from_checkpoint(tmp_path / "r.pth", arch="resnet34_small")
 
 
 # ------------------------------------------------------------------------------------------------------
-# build_model, random init, inspect
+# model_from_checkpoint, random init, inspect
 # ------------------------------------------------------------------------------------------------------
 
 def test_build_model_reinitialises_fc_like_main_lincls(tmp_path):
     src = make_source("resnet18_small", 8)
     write_moco(tmp_path / "m.pth.tar", src)
-    model, ckpt = build_model(tmp_path / "m.pth.tar", num_classes=7)
+    model, ckpt = model_from_checkpoint(tmp_path / "m.pth.tar", num_classes=7)
     assert not ckpt.has_fc and model.fc.out_features == 7
     assert torch.all(model.fc.bias == 0) and 0.005 < model.fc.weight.std().item() < 0.015
 
     write_torchvision(tmp_path / "sup.pth", src)  # a 10-class classifier, fine-tuned to 3 classes
-    model, ckpt = build_model(tmp_path / "sup.pth", num_classes=3)
+    model, ckpt = model_from_checkpoint(tmp_path / "sup.pth", num_classes=3)
     assert ckpt.has_fc and model.fc.out_features == 3 and torch.all(model.fc.bias == 0)
     assert torch.equal(features(model), features(src))
 
 
 def test_random_spec(tmp_path):
     torch.manual_seed(0)
-    model, info = build_model("random:resnet18_small:8", num_classes=5)
+    model, info = model_from_checkpoint("random:resnet18_small:8", num_classes=5)
     assert (info.format, info.arch, info.width, model.fc.out_features) == ("random", "resnet18_small", 8, 5)
     assert model.conv1.weight.shape == (8, 3, 3, 3) and "fc.weight" not in info.state_dict
     assert load_backbone("random:resnet50_small:4").arch == "resnet50_small"
     with pytest.raises(CheckpointError, match="needs an arch"):
-        build_model("random")
+        model_from_checkpoint("random")
     assert mocobench(["convert", "--to", "torchvision", "random:resnet18_small:8", str(tmp_path / "r.pth")]) == 0
     assert load_backbone(tmp_path / "r.pth").width == 8
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain import demo_data as dd
+from mocobench.core import demo_data as dd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,7 +193,7 @@ def test_stored_images_are_the_generator_output(demo_data):
 
 _RACE = """
 import json, sys
-from pretrain.demo_data import ensure_demo_data
+from mocobench.core.demo_data import ensure_demo_data
 d = ensure_demo_data(sys.argv[1], progress=False)
 print(json.dumps({"root": str(d.root), "voc": str(d.voc)}))
 """

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluate import datasets, features
-from evaluate.datasets import DataError
-from evaluate.features import FeatureFileError
-from pretrain.augment import eval_transform
-from pretrain.backbones import build_backbone
+from mocobench.core.backbones import build_backbone
+from mocobench.core.errors import FeatureFileError
+from mocobench.core.transforms import eval_transform
+from mocobench.evaluate import datasets, feature_cache, feature_file, layers
+from mocobench.evaluate.datasets import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
@@ -181,7 +181,7 @@ def test_made_subsets_work_when_file_names_repeat_across_classes(tmp_path):
 def test_layer_dimensions_of_resnet50_at_224():
     """MMSelfSup's published dims 9216/9216/8192/9216/8192, avgpool 2048, VISSL's VOC res5 pool 8192."""
     model = build_backbone("resnet50").to("meta").eval()
-    net = features.LayerFeatures(model, features.FEATURE_LAYERS)
+    net = layers.LayerFeatures(model, layers.FEATURE_LAYERS)
     out = net(torch.zeros(2, 3, 224, 224, device="meta"))
     dims = {k: v[0].numel() for k, v in out.items()}
     assert dims == {"feature1": 9216, "feature2": 9216, "feature3": 8192, "feature4": 9216, "feature5": 8192,
@@ -190,11 +190,11 @@ def test_layer_dimensions_of_resnet50_at_224():
 
 def test_voc_svm_pool_is_6x6_stride_1_on_res5():
     fmap = torch.arange(49.0).view(1, 1, 7, 7)
-    pooled = features.pool_map("voc_svm", fmap)
+    pooled = layers.pool_map("voc_svm", fmap)
     by_hand = [[20.0, 21.0], [27.0, 28.0]]  # centres of the four 6x6 windows of a 7x7 ramp 0..48
     assert pooled[0, 0].tolist() == by_hand
-    assert features.pool_map("feature5", fmap)[0, 0].tolist() == by_hand  # MMSelfSup's feat5 pool is the same
-    assert features.pool_map("avgpool", fmap).item() == pytest.approx(24.0)
+    assert layers.pool_map("feature5", fmap)[0, 0].tolist() == by_hand  # MMSelfSup's feat5 pool is the same
+    assert layers.pool_map("avgpool", fmap).item() == pytest.approx(24.0)
 
 
 def test_extract_matches_a_plain_forward_and_keeps_bn_frozen(folder):
@@ -203,7 +203,7 @@ def test_extract_matches_a_plain_forward_and_keeps_bn_frozen(folder):
     model.train()  # extract must switch to eval()
     bn_before = model.bn1.running_mean.clone()
     ds = datasets.image_folder(folder, "val", eval_transform(20, 16))
-    feats, labels = features.extract(model, ds, "avgpool", batch_size=4, workers=0)
+    feats, labels = layers.extract(model, ds, "avgpool", batch_size=4, workers=0)
     assert feats.dtype == np.float32 and feats.shape == (9, 64) and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
     assert torch.equal(model.bn1.running_mean, bn_before) and not model.training
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_extract_matches_a_plain_forward_and_keeps_bn_frozen(folder):
         ref = trunk(x).flatten(1).numpy()
         stem = F.relu(model.bn1(model.conv1(x)))
     np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-5)
-    f1, _ = features.extract(model, ds, "feature1", batch_size=5, workers=0)
+    f1, _ = layers.extract(model, ds, "feature1", batch_size=5, workers=0)
     np.testing.assert_allclose(f1, F.adaptive_avg_pool2d(stem, 12).flatten(1).numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -226,15 +226,15 @@ def _arrays(n=6, d=4, multilabel=False):
 
 def test_npz_is_memory_mapped_and_round_trips(tmp_path):
     arrays = _arrays(multilabel=True)
-    for name, write in (("ours.npz", lambda p: features.write_npz(p, arrays)),
+    for name, write in (("ours.npz", lambda p: feature_file.write_npz(p, arrays)),
                         ("savez.npz", lambda p: np.savez(p, **arrays))):
-        fs = features.load_features(write(tmp_path / name) or tmp_path / name)
+        fs = feature_file.load_features(write(tmp_path / name) or tmp_path / name)
         assert isinstance(fs.train_feats, np.memmap) and isinstance(fs.test_feats, np.memmap)
         for k, v in arrays.items():
             np.testing.assert_array_equal(getattr(fs, k), v)
         assert fs.multilabel and fs.class_names is None
     np.savez_compressed(tmp_path / "z.npz", **arrays)  # compressed: read into memory, same values
-    fs = features.load_features(tmp_path / "z.npz")
+    fs = feature_file.load_features(tmp_path / "z.npz")
     assert not isinstance(fs.train_feats, np.memmap)
     np.testing.assert_array_equal(fs.train_feats, arrays["train_feats"])
 
@@ -252,14 +252,14 @@ def test_bad_feature_files_are_named(tmp_path, change, match):
     change(arrays)
     np.savez(tmp_path / "f.npz", **arrays)
     with pytest.raises(FeatureFileError, match=match) as e:
-        features.load_features(tmp_path / "f.npz")
+        feature_file.load_features(tmp_path / "f.npz")
     assert "f.npz" in str(e.value)
 
 
 def test_not_a_zip_is_a_clear_error(tmp_path):
     (tmp_path / "f.npz").write_text("hello")
     with pytest.raises(FeatureFileError, match="not a .npz file"):
-        features.load_features(tmp_path / "f.npz")
+        feature_file.load_features(tmp_path / "f.npz")
 
 
 def test_cache_reuses_and_invalidates(folder, tmp_path, capsys):
@@ -270,23 +270,23 @@ def test_cache_reuses_and_invalidates(folder, tmp_path, capsys):
     t = eval_transform(20, 16)
     train, val = datasets.image_folder(folder, "train", t), datasets.image_folder(folder, "val", t)
     kw = dict(cache_dir=tmp_path / "cache", batch_size=8, workers=0)
-    path = features.cached_features(ckpt, "tiny", train, val, "avgpool", "r20c16", **kw)
+    path = feature_cache.cached_features(ckpt, "tiny", train, val, "avgpool", "r20c16", **kw)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["n_train"] == 18 and meta["dim"] == 64 and meta["peak_rss_mb"]["self"] > 0
-    assert path.parent.parent.name == features.checkpoint_key(ckpt)
-    fs = features.load_features(path)
+    assert path.parent.parent.name == feature_cache.checkpoint_key(ckpt)
+    fs = feature_file.load_features(path)
     assert fs.class_names == ["blue", "green", "red"] and fs.train_labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
     mtime = path.stat().st_mtime_ns
     capsys.readouterr()
     # the same request is served from the cache (the checkpoint is not even read)
-    assert features.cached_features(ckpt, "tiny", train, val, "avgpool", "r20c16", model=None, **kw) == path
+    assert feature_cache.cached_features(ckpt, "tiny", train, val, "avgpool", "r20c16", model=None, **kw) == path
     assert "reusing cache" in capsys.readouterr().out and path.stat().st_mtime_ns == mtime
     # another layer is another entry; a changed image list is re-extracted
-    assert features.cached_features(ckpt, "tiny", train, val, "voc_svm", "r20c16", **kw) != path
+    assert feature_cache.cached_features(ckpt, "tiny", train, val, "voc_svm", "r20c16", **kw) != path
     train.samples = train.samples[:-1]
-    features.cached_features(ckpt, "tiny", train, val, "avgpool", "r20c16", **kw)
+    feature_cache.cached_features(ckpt, "tiny", train, val, "avgpool", "r20c16", **kw)
     assert "dataset changed" in capsys.readouterr().out
-    assert len(features.load_features(path).train_feats) == 17
+    assert len(feature_file.load_features(path).train_feats) == 17
     assert not list(path.parent.glob(".*"))  # no temporary files left behind
 
 
@@ -295,8 +295,8 @@ def test_bf16_extraction_stays_close_to_fp32(folder):
     torch.manual_seed(0)
     model = build_backbone("resnet18_small", num_classes=3, width=16)
     ds = datasets.image_folder(folder, "train", eval_transform(20, 16))
-    ref, _ = features.extract(model, ds, "avgpool", batch_size=18, workers=0, amp=False)
-    fast, _ = features.extract(model, ds, "avgpool", batch_size=18, workers=0, amp=True)
+    ref, _ = layers.extract(model, ds, "avgpool", batch_size=18, workers=0, amp=False)
+    fast, _ = layers.extract(model, ds, "avgpool", batch_size=18, workers=0, amp=True)
     rel = np.linalg.norm(fast - ref, axis=1) / np.linalg.norm(ref, axis=1)
     assert rel.max() < 0.03, rel.max()
     cos = lambda f: (f / np.linalg.norm(f, axis=1, keepdims=True)) @ (f / np.linalg.norm(f, axis=1, keepdims=True)).T
@@ -304,8 +304,8 @@ def test_bf16_extraction_stays_close_to_fp32(folder):
 
 
 def test_extract_cli_writes_features_and_metrics(folder, tmp_path):
-    from evaluate.cli import main
-    from results.records import read_metrics
+    from mocobench.core.records import read_metrics
+    from mocobench.evaluate.cli import main
     torch.manual_seed(0)
     ckpt = tmp_path / "m.pth"
     torch.save(build_backbone("resnet18_small", num_classes=3, width=8).state_dict(), ckpt)
@@ -314,13 +314,13 @@ def test_extract_cli_writes_features_and_metrics(folder, tmp_path):
     assert main(argv) == 0
     rec = read_metrics(tmp_path / "run" / "metrics.json")
     assert rec["benchmark"] == "extract" and rec["metrics"]["dim"] == 64 * 4  # 2x2 pool of a 2x2 res5 map
-    assert rec["checkpoint"]["md5"] == features.checkpoint_key(ckpt)
-    fs = features.load_features(tmp_path / "run")
+    assert rec["checkpoint"]["md5"] == feature_cache.checkpoint_key(ckpt)
+    fs = feature_file.load_features(tmp_path / "run")
     assert fs.train_feats.shape == (18, 256) and zipfile.is_zipfile(tmp_path / "run" / "features.npz")
 
 
 def test_extract_cli_errors_are_one_line(tmp_path, capsys):
-    from evaluate.cli import main
+    from mocobench.evaluate.cli import main
     assert main(["extract", "--checkpoint", "random:resnet18_small:8", "--layer", "res5"]) == 2
     assert "unknown feature layer 'res5'" in capsys.readouterr().err
     assert main(["extract", "--checkpoint", str(tmp_path / "none.pth"), "--data", str(tmp_path)]) == 2

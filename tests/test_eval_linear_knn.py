@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
-from evaluate import knn, linear
-from evaluate.features import FeatureFileError, write_npz
-from pretrain.backbones import build_backbone
-from results.records import read_metrics
-
 from test_eval_features import make_image_folder
 
+from mocobench.core.backbones import build_backbone
+from mocobench.core.errors import FeatureFileError
+from mocobench.core.records import read_metrics
+from mocobench.evaluate import knn, linear
+from mocobench.evaluate.feature_file import write_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
@@ -102,7 +101,7 @@ def test_sanity_check_catches_a_changed_backbone(tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "m.pth"
     torch.save(build_backbone("resnet18_small", num_classes=4, width=8).state_dict(), ckpt)
-    from evaluate.features import load_frozen_backbone
+    from mocobench.evaluate.layers import load_frozen_backbone
     backbone = load_frozen_backbone(ckpt)
     linear.LinearEval(backbone, ["avgpool"], 3, bn_heads=False, input_size=16)  # new fc: not compared
     linear.sanity_check(backbone, str(ckpt))
@@ -195,9 +194,9 @@ def _ddp_worker(rank, world, port, cfg_kw, out):
 
 
 def test_ddp_syncs_heads_and_sums_sharded_val_counts(tmp_path):
-    from evaluate import datasets
-    from evaluate.features import load_frozen_backbone
-    from pretrain.augment import eval_transform
+    from mocobench.core.transforms import eval_transform
+    from mocobench.evaluate import datasets
+    from mocobench.evaluate.layers import load_frozen_backbone
     folder = make_image_folder(tmp_path / "data", per_class=(6, 3))  # 9 val images: shards of 5 and 4
     ckpt = tmp_path / "m.pth"
     torch.manual_seed(0)
@@ -229,7 +228,7 @@ def checkpoints(demo_checkpoints):
 
 @pytest.mark.parametrize("which", ["pretrained", "random"])
 def test_demo_end_to_end(checkpoints, which, tmp_path):
-    from evaluate.cli import main
+    from mocobench.evaluate.cli import main
     ckpt = checkpoints[which]
     common = ["--checkpoint", ckpt, "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
     assert main(["knn", "--config", "demo", *common, "--out", str(tmp_path / "knn")]) == 0
@@ -256,7 +255,7 @@ def test_demo_end_to_end(checkpoints, which, tmp_path):
 
 
 def test_linear_cli_errors_are_one_line(tmp_path, capsys):
-    from evaluate.cli import main
+    from mocobench.evaluate.cli import main
     assert main(["linear", "--mode", "probe"]) == 2
     assert "unknown linear mode 'probe'" in capsys.readouterr().err
     assert main(["linear", "--checkpoint", "random:resnet18_small:8", "--data", str(tmp_path)]) == 2

@@ -6,12 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluate import semisup
-from evaluate.semisup import SemisupConfig
-from pretrain.backbones import build_backbone
-from pretrain.data import DataError
-from results.records import read_metrics
-
+from mocobench.core.backbones import build_backbone
+from mocobench.core.errors import DataError
+from mocobench.core.records import read_metrics
+from mocobench.evaluate import semisup
+from mocobench.evaluate.semisup import SemisupConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
@@ -94,7 +93,7 @@ def demo_list(demo_data, tmp_path, per_class=2):
 
 
 def test_whole_network_is_fine_tuned_from_the_checkpoint(checkpoint, demo_data, tmp_path):
-    from pretrain.checkpoints import load_backbone
+    from mocobench.checkpoints.formats import load_backbone
     lst, n = demo_list(demo_data, tmp_path)
     cfg = semisup.resolve(SemisupConfig(checkpoint=checkpoint, data="demo", subset="10pct", subset_list=str(lst),
                                         image_size=32, resize=36, crop=32, epochs=1, workers=0, batch_size=16))
@@ -114,7 +113,7 @@ def test_whole_network_is_fine_tuned_from_the_checkpoint(checkpoint, demo_data, 
 
 @pytest.mark.parametrize("which", ["pretrained", "random"])
 def test_demo_end_to_end(checkpoint, demo_data, which, tmp_path):
-    from evaluate.cli import main
+    from mocobench.evaluate.cli import main
     ckpt = checkpoint if which == "pretrained" else "random:resnet18_small:16"
     lst, n = demo_list(demo_data, tmp_path, per_class=2)
     out = tmp_path / "semisup"
@@ -143,7 +142,7 @@ def test_demo_end_to_end(checkpoint, demo_data, which, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from evaluate.cli import main
+    from mocobench.evaluate.cli import main
     assert main(["semisup", "--checkpoint", "random:resnet18", "--data", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

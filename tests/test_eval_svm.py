@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate import lowshot, svm
-from evaluate.ap import step_ap, voc_ap
-from evaluate.features import write_npz
-from evaluate.svm_solver import SklearnSVM, TorchSVM, l2_normalize, problem_costs, reference_svc
-from pretrain.data import DataError
-from results.records import read_metrics
+from mocobench.core.errors import DataError
+from mocobench.core.records import read_metrics
+from mocobench.evaluate import lowshot, svm
+from mocobench.evaluate.ap import step_ap, voc_ap
+from mocobench.evaluate.feature_file import write_npz
+from mocobench.evaluate.svm_problem import l2_normalize, problem_costs
+from mocobench.evaluate.svm_reference import SklearnSVM, reference_svc
+from mocobench.evaluate.svm_solver import TorchSVM
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -303,7 +305,7 @@ def test_lowshot_grouped_solves_give_the_per_draw_results(monkeypatch):
 
 # --- command line and end to end ------------------------------------------------------------------------
 def test_cli_on_a_features_file(tmp_path, capsys):
-    from evaluate.cli import main
+    from mocobench.evaluate.cli import main
     x, y = blobs(90, 16, 3, seed=9)
     xt, yt = blobs(60, 16, 3, seed=10)
     path = write_npz(tmp_path / "f.npz", {"train_feats": x, "train_labels": y, "test_feats": xt,
@@ -334,7 +336,7 @@ def checkpoints(demo_checkpoints):
 
 @pytest.mark.parametrize("which", ["pretrained", "random"])
 def test_demo_end_to_end(checkpoints, which, tmp_path):
-    from evaluate.cli import main
+    from mocobench.evaluate.cli import main
     common = ["--checkpoint", checkpoints[which], "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
     assert main(["svm", "--config", "demo", *common, "--out", str(tmp_path / "svm")]) == 0
     rec = read_metrics(tmp_path / "svm" / "metrics.json")
@@ -353,9 +355,9 @@ def test_demo_end_to_end(checkpoints, which, tmp_path):
 
 
 def test_exact_newton_directions_are_the_active_set_minimisers_whatever_the_chunking():
-    """`_direct_directions` against a hand solve per problem: on the active set S the quadratic's minimiser is
+    """`direct_directions` against a hand solve per problem: on the active set S the quadratic's minimiser is
     w+ = Z_S^T g with (K_SS + diag(1/2a_S)) g = y_S; problems of very different |S| chunked in any way agree."""
-    from evaluate.svm_solver import _direct_directions, padded_gram
+    from mocobench.evaluate.svm_active_set import direct_directions, padded_gram
     gen = torch.Generator().manual_seed(0)
     N, r, P = 40, 12, 5
     Z = torch.randn(N, r, generator=gen, dtype=torch.float64)
@@ -372,7 +374,7 @@ def test_exact_newton_directions_are_the_active_set_minimisers_whatever_the_chun
         expected.append(Z[S].T @ g - W[p])
     expected = torch.stack(expected)
     for max_bytes in (1 << 27, 8 * 9 * 9, 1):  # one chunk; chunks of similar |S|; one problem per chunk
-        got, _ = _direct_directions(Z, padded_gram(K), Y, A, W, max_bytes=max_bytes)
+        got, _ = direct_directions(Z, padded_gram(K), Y, A, W, max_bytes=max_bytes)
         assert torch.allclose(got, expected, atol=1e-10), max_bytes
 
 
@@ -388,7 +390,7 @@ def _active_set_directions(Z, K, Y, A, W):
 
 @pytest.mark.parametrize("n,blocks", [(10, 4), (7, 3), (3, 4), (1, 1)])
 def test_gram_matrix_from_its_lower_blocks_is_the_full_product(n, blocks):
-    from evaluate.svm_solver import gram_matrix
+    from mocobench.evaluate.svm_basis import gram_matrix
     F = torch.randn(n, 5, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     assert torch.allclose(gram_matrix(F, blocks), F @ F.T, rtol=1e-13, atol=1e-13)
 
@@ -396,7 +398,7 @@ def test_gram_matrix_from_its_lower_blocks_is_the_full_product(n, blocks):
 def test_in_place_cholesky_solves_like_torch_and_rejects_indefinite_matrices():
     """`cholesky_lower` (LAPACK in place, the other triangle left as it was) gives the same triangular solves
     as torch.linalg.cholesky, and a matrix that is not positive definite is an error, not a silent result."""
-    from evaluate.svm_solver import cholesky_lower
+    from mocobench.evaluate.native import cholesky_lower
     gen = torch.Generator().manual_seed(2)
     X = torch.randn(3, 30, 50, generator=gen, dtype=torch.float64)
     M = X @ X.mT + 0.1 * torch.eye(30, dtype=torch.float64)
@@ -417,7 +419,7 @@ def test_updated_factorisations_give_the_same_directions_as_fresh_ones():
     the first step's Cholesky factors (bordering for the added rows, multipliers pinning the dropped ones to
     zero); the directions equal a fresh solve, whether the chunk is reused whole or in part, and an active set
     that moved too far is refactorised instead."""
-    from evaluate.svm_solver import _direct_directions, padded_gram
+    from mocobench.evaluate.svm_active_set import direct_directions, padded_gram
     gen = torch.Generator().manual_seed(1)
     N, r, P = 60, 20, 4
     Z = torch.randn(N, r, generator=gen, dtype=torch.float64)
@@ -426,7 +428,7 @@ def test_updated_factorisations_give_the_same_directions_as_fresh_ones():
     cost = torch.rand(P, N, generator=gen, dtype=torch.float64) * 3 + 0.1
     A0 = cost * (torch.rand(P, N, generator=gen) < 0.5)
     W = torch.randn(P, r, generator=gen, dtype=torch.float64)
-    _, factors = _direct_directions(Z, Kpad, Y, A0, W)
+    _, factors = direct_directions(Z, Kpad, Y, A0, W)
     assert all(f is not None for f in factors) and len({id(f[0]) for f in factors}) == 1  # one chunk
     A1 = A0.clone()
     for p, (n_add, n_drop) in enumerate(((2, 1), (0, 3), (4, 0), (1, 1))):
@@ -434,14 +436,14 @@ def test_updated_factorisations_give_the_same_directions_as_fresh_ones():
         A1[p, off[:n_add]] = cost[p, off[:n_add]]
         A1[p, on[:n_drop]] = 0
     expected = _active_set_directions(Z, K, Y, A1, W)
-    got, again = _direct_directions(Z, Kpad, Y, A1, W, factors, update_ratio=1e9)
+    got, again = direct_directions(Z, Kpad, Y, A1, W, factors, update_ratio=1e9)
     assert torch.allclose(got, expected, atol=1e-9)
     assert [f[0] for f in again] == [f[0] for f in factors]  # updated, not refactorised
-    got, part = _direct_directions(Z, Kpad, Y[1:3], A1[1:3], W[1:3], factors[1:3], update_ratio=1e9)
+    got, part = direct_directions(Z, Kpad, Y[1:3], A1[1:3], W[1:3], factors[1:3], update_ratio=1e9)
     assert torch.allclose(got, expected[1:3], atol=1e-9) and part[0][0] is factors[0][0]
-    got, one = _direct_directions(Z, Kpad, Y[2:3], A1[2:3], W[2:3], factors[2:3], update_ratio=1e9)  # factor copied
+    got, one = direct_directions(Z, Kpad, Y[2:3], A1[2:3], W[2:3], factors[2:3], update_ratio=1e9)  # factor copied
     assert torch.allclose(got, expected[2:3], atol=1e-9) and one[0][0] is factors[0][0]
-    got, fresh = _direct_directions(Z, Kpad, Y, A1, W, factors, update_ratio=1e-9)  # never worth it: refactorise
+    got, fresh = direct_directions(Z, Kpad, Y, A1, W, factors, update_ratio=1e-9)  # never worth it: refactorise
     assert torch.allclose(got, expected, atol=1e-9) and fresh[0][0] is not factors[0][0]
 
 
@@ -452,7 +454,7 @@ def test_keep_freed_memory_reuses_freed_blocks_without_page_faults():
     the fresh mmap of every allocation that size does by default."""
     import resource
 
-    from evaluate.svm_solver import keep_freed_memory
+    from mocobench.evaluate.native import keep_freed_memory
     if not keep_freed_memory():
         pytest.skip("not glibc")
 
@@ -464,3 +466,21 @@ def test_keep_freed_memory_reuses_freed_blocks_without_page_faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     assert min(faults_of_fresh_block() for _ in range(12)) < 1000
+
+
+def test_process_settings_are_made_by_the_entry_point_not_by_validation_or_solvers(monkeypatch):
+    """Threads and malloc retention are process-wide: `check_solver` only validates, building a solver sets
+    nothing, and `configure_svm_process` (called once by the evaluators' `run`) sets the threads when asked
+    and has malloc keep freed memory only for the torch solver on the CPU."""
+    from mocobench.evaluate import native, svm_process
+    threads, kept = [], []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(native, "keep_freed_memory", lambda: kept.append(1) or True)
+    monkeypatch.setattr(svm_process, "keep_freed_memory", native.keep_freed_memory)
+    svm.SVMSolverOptions(threads=3).check_solver()
+    TorchSVM(np.eye(4, 3))
+    assert threads == [] and kept == []
+    svm_process.configure_svm_process("torch", "cpu", 3)
+    assert threads == [3] and kept == [1]
+    svm_process.configure_svm_process("sklearn", "cpu", 0)
+    assert threads == [3] and kept == [1]

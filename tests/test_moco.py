@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.moco import MoCo
+from mocobench.pretrain.moco import MoCo
 
 
 class LinearEncoder(nn.Module):

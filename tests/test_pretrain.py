@@ -10,8 +10,9 @@ import torchvision
 import yaml
 from PIL import Image
 
-from pretrain.config import ConfigError, parse_config
-from pretrain.train import NonFiniteLossError, PretrainConfig, latest_checkpoint, main, run
+from mocobench.core.config import parse_config
+from mocobench.core.errors import ConfigError
+from mocobench.pretrain.train import NonFiniteLossError, PretrainConfig, latest_checkpoint, main, run
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_config_yaml_flags_and_key_value_precedence(tmp_path):
 
 def test_shipped_v2_config_equals_official_flags():
     cfg, _ = parse_config(PretrainConfig, ["--config", "moco_v2"], "t", "t",
-                          search_dir=__import__("pretrain.train").train.CONFIG_DIR)
+                          search_dir=__import__("mocobench.pretrain.train").train.CONFIG_DIR)
     v1 = PretrainConfig()
     assert (v1.lr, v1.batch_size, v1.epochs, v1.schedule, v1.weight_decay, v1.moco_t, v1.moco_m, v1.moco_k) == \
         (0.03, 256, 200, [120, 160], 1e-4, 0.07, 0.999, 65536)
@@ -68,7 +69,7 @@ def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
 
 
 def test_fast_path_resolves_per_device_and_image_size(monkeypatch):
-    import pretrain.train as train
+    from mocobench.pretrain import train as train
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     resolve = lambda device, **kw: (lambda c: (c.amp, c.channels_last))(train.resolve_fast_path(PretrainConfig(**kw), device))
     monkeypatch.setattr(train, "cpu_bf16_is_fast", lambda: False)
@@ -109,7 +110,7 @@ def test_checkpoint_has_official_keys_and_loads_weights_only(straight_run):
     # what official main_lincls.py does: keep encoder_q minus fc, strip the prefix, load non-strict
     state = {k[len("module.encoder_q."):]: v for k, v in ckpt["state_dict"].items()
              if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc")}
-    from pretrain.backbones import build_backbone
+    from mocobench.core.backbones import build_backbone
     msg = build_backbone("resnet18_small", 10, width=8).load_state_dict(state, strict=False)
     assert set(msg.missing_keys) == {"fc.weight", "fc.bias"} and not msg.unexpected_keys
 
@@ -123,6 +124,10 @@ def test_run_writes_logs_metrics_and_config(straight_run):
     assert [x["lr"] for x in steps[::2]] == pytest.approx([0.03 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(4)])
     record = json.loads((out / "metrics.json").read_text())
     assert record["stage"] == "pretrain" and record["checkpoint"]["path"].endswith("checkpoint_0003.pth.tar")
+    # the run's identity: one id in the record, in every checkpoint, and repeated as the checkpoint's run id
+    ids = {torch.load(p, weights_only=True)["run_id"] for p in out.glob("checkpoint_*.pth.tar")}
+    assert ids == {record["run_id"]} and len(record["run_id"]) == 16
+    assert (record["checkpoint"]["run_id"], record["checkpoint"]["epoch"]) == (record["run_id"], 4)
     assert np.isfinite(metrics["loss"]) and metrics["epochs"] == 4
 
 
@@ -138,6 +143,9 @@ def test_resume_is_exact(tiny_folder, straight_run, tmp_path):
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     assert torch.equal(a["queue_ids"], b["queue_ids"])
+    first = torch.load(tmp_path / "checkpoint_0001.pth.tar", weights_only=True)["run_id"]
+    assert b["run_id"] == first == json.loads((tmp_path / "metrics.json").read_text())["run_id"]  # kept on resume
+    assert first != a["run_id"]  # another run, another id
 
 
 def _two_rank_run(rank, port, data, out, overrides):
@@ -153,6 +161,7 @@ def test_two_rank_resume_continues_every_rank_exactly(tiny_folder, tmp_path):
     """Each rank draws its own augmentations (workers=0: from its own RNG), so a resume must restore every
     rank's RNG, not rank 0's on all: 2 epochs straight == 1 epoch + resume, bitwise, over 2 gloo ranks."""
     import socket
+
     import torch.multiprocessing as mp
 
     def two_ranks(out, **overrides):
@@ -189,7 +198,7 @@ def test_corrupt_image_is_skipped_and_counted_or_fatal_when_strict(tiny_folder, 
     try:
         metrics = run(tiny_cfg(tiny_folder, tmp_path / "lenient", epochs=1, steps_per_epoch=0))
         assert metrics["bad_images"] == 1
-        from pretrain.data import DataError
+        from mocobench.core.errors import DataError
         with pytest.raises(DataError, match="0000_corrupt.png"):
             run(tiny_cfg(tiny_folder, tmp_path / "strict", epochs=1, steps_per_epoch=0, strict_data=True))
     finally:
@@ -210,7 +219,7 @@ def test_cli_help_lists_every_stage():
 
 
 def test_small_arch_shapes_and_infer():
-    from pretrain.backbones import build_backbone, infer_arch
+    from mocobench.core.backbones import build_backbone, infer_arch
     m = build_backbone("resnet50_small", 7, width=16)
     assert m.conv1.kernel_size == (3, 3) and isinstance(m.maxpool, torch.nn.Identity)
     assert m.fc.in_features == 16 * 8 * 4 and m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
@@ -228,8 +237,8 @@ def test_tensor_loader_trains_and_bad_loader_is_an_error(tiny_folder, tmp_path):
 def test_short_demo_pretrain_lowers_the_loss(demo_data, tmp_path):
     """The shipped demo recipe on the embedded data: once the queue holds real keys (after K / batch = 8
     steps the loss peaks near ln K), the loss must fall clearly (measured: by 0.4-1.0 in 45 steps)."""
-    from pretrain.config import apply_overrides, load_yaml
-    from pretrain.train import CONFIG_DIR
+    from mocobench.core.config import apply_overrides, load_yaml
+    from mocobench.pretrain.train import CONFIG_DIR
     cfg = apply_overrides(PretrainConfig(), load_yaml("demo", CONFIG_DIR))
     cfg = apply_overrides(cfg, {"out": str(tmp_path), "epochs": 3, "print_freq": 1, "workers": 1})
     run(cfg)

@@ -1,6 +1,6 @@
 """results/: gathering metrics.json trees, mean±std, model-zoo tables (published vs measured), CSV, PNGs.
 
-Fixture sweeps are hand-made metrics.json / metrics.jsonl files (written through results.records so they
+Fixture sweeps are hand-made metrics.json / metrics.jsonl files (written through mocobench.core.records so they
 follow the real schema); every expected number below is computed by hand in the comments.
 """
 from __future__ import annotations
@@ -13,14 +13,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from results import published
-from results.cli import main as results_main
-from results.gather import aggregate, gather, population_std, read_curve
-from results.plots import plot_linear_layers, plot_lowshot, plot_pretrain_curves, plot_pretrain_grid
-from results.records import write_metrics
-from results.tables import (build_tables, checkpoint_table, coco_table, fmt_mean_std, linear_table,
-                            lowshot_table, pretrain_table, readme_table, semisup_table, write_tables)
+from mocobench.core.records import write_metrics
+from mocobench.results import published
+from mocobench.results.cli import main as results_main
+from mocobench.results.gather import aggregate, gather, population_std, read_curve
+from mocobench.results.plots import plot_linear_layers, plot_lowshot, plot_pretrain_curves, plot_pretrain_grid
+from mocobench.results.tables import (
+    build_tables,
+    checkpoint_table,
+    coco_table,
+    fmt_mean_std,
+    linear_table,
+    lowshot_table,
+    pretrain_table,
+    readme_table,
+    semisup_table,
+    write_tables,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,12 +45,21 @@ def md5_of(tag: str) -> str:
     return (tag * 32)[:32]
 
 
+def fake_checkpoint(path, run_id, epoch):
+    """A file carrying what a mocobench pretrain checkpoint carries for identity (no weights needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": epoch, "arch": "resnet50", "run_id": run_id, "state_dict": {}}, path)
+    return path
+
+
 def pretrain_run(d, config, *, md5, loss=7.0, acc1=90.0, hours=1.0, ckpt_epoch=None, curve=None):
+    """A finished pretrain run whose checkpoint(s) carry run id `run-<md5>`; returns the last checkpoint."""
     epochs = config["epochs"]
-    ckpt = d / f"checkpoint_{(ckpt_epoch or epochs) - 1:04d}.pth.tar"
+    run_id = f"run-{md5[:8]}"
+    ckpt = fake_checkpoint(d / f"checkpoint_{(ckpt_epoch or epochs) - 1:04d}.pth.tar", run_id, ckpt_epoch or epochs)
     write_metrics(d, stage="pretrain", benchmark="moco", config=config, start="t",
                   metrics={"loss": loss, "acc1": acc1, "epochs": epochs, "hours": hours, "bad_images": 0},
-                  checkpoint=ckpt, checkpoint_md5=md5)
+                  checkpoint=ckpt, checkpoint_md5=md5, run_id=run_id)
     if curve is not None:
         (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in curve))
     return ckpt
@@ -67,7 +87,8 @@ def curve(n_epochs=3, steps_per_epoch=4, loss0=8.0, osc=0.0):
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """Official-recipe v1/v2, 200 epochs, 2 trials each (seeds 0/1), with linear/svm/lowshot/semisup/detection
-    evaluations; evaluators link by md5 (v1), by checkpoint dir (v2 trial 0), by layout (v2 trial 1).
+    evaluations; evaluators link by the run id in their checkpoint (v1; v2 trial 0 through a re-saved file
+    with another md5), or by md5 alone (v2 trial 1: a copy without a run id, e.g. from another tool).
     Shared by the module's tests (read-only; the CLI test works on a copy)."""
     tmp_path = tmp_path_factory.mktemp("zoo")
     root = tmp_path / "sweep"
@@ -79,10 +100,11 @@ def zoo(tmp_path_factory):
             ckpt = pretrain_run(base / "pretrain", {**cfg, "seed": seed}, md5=md5, hours=50.0 + 2 * seed,
                                 loss=6.0 + seed, curve=curve())
             link = {"md5": md5, "ckpt": ckpt}
-            if method == "v2" and seed == 0:
-                link["md5"] = md5_of("c")  # a different file in the same run dir (e.g. re-saved)
-            if method == "v2" and seed == 1:
-                link = {"md5": md5_of("d"), "ckpt": tmp_path / "converted" / "v2_1.pth"}  # converted copy
+            if method == "v2" and seed == 0:  # re-saved elsewhere: another md5, the same run id inside
+                link = {"md5": md5_of("c"), "ckpt": fake_checkpoint(tmp_path / "moved" / "v2_0.pth.tar",
+                                                                    f"run-{md5[:8]}", 200)}
+            if method == "v2" and seed == 1:  # a copy without a run id, but the md5 the pretrain recorded
+                link = {"md5": md5, "ckpt": tmp_path / "converted" / "v2_1.pth"}
             eval_run(base / "linear", "linear", {"top1": top1[(method, seed)], "top5": 85.0,
                                                  "feature5/top1": 60.0 + seed, "avgpool/top1": 62.0 + seed},
                      ckpt=link["ckpt"], md5=link["md5"])
@@ -115,7 +137,7 @@ def test_gather_tidy_rows_and_links(zoo):
     assert set(df["benchmark"]) == {"moco", "linear", "linear_multihead", "svm", "lowshot", "semisup-1pct",
                                     "voc07-c4"}
     links = df[df["stage"] != "pretrain"].groupby(["variant", "trial"])["link"].first().to_dict()
-    assert links == {("v1", 0): "md5", ("v1", 1): "md5", ("v2", 0): "checkpoint dir", ("v2", 1): "layout"}
+    assert links == {("v1", 0): "run id", ("v1", 1): "run id", ("v2", 0): "run id", ("v2", 1): "md5"}
     row = df[(df["variant"] == "v1") & (df["trial"] == 1) & (df["metric"] == "top1")].iloc[0]
     assert (row["value"], row["checkpoint"], row["official"], row["epochs"]) == (61.4, "11111111", "v1", 200)
     assert g.warnings == []
@@ -187,8 +209,8 @@ def test_family_tables(zoo):
 def test_checkpoint_table(zoo):
     t = checkpoint_table(gather(zoo, progress=False).frame)
     df = t.frame
-    # 4 pretrain checkpoints + 2 other files evaluated (md5 c..., d...)
-    assert len(df) == 6
+    # 4 pretrain checkpoints + the re-saved copy (md5 c...); the md5-linked copy counts as its pretrain's file
+    assert len(df) == 5
     v1 = df[(df["Model"] == "v1") & (df["md5"] == "11111111")].iloc[0]
     assert (v1["trial"], v1["epochs"], v1["mlp"], v1["top-1"], v1["top-1 published"]) == (1, 200, False, 61.4, 60.6)
     v2 = df[df["md5"] == "cccccccc"].iloc[0]
@@ -278,22 +300,25 @@ def test_single_run_curve_for_lead(tmp_path):
 
 def test_stage_json_precedence(tmp_path):
     """The sweep's stage.json (slurm/stages.py): a benchmark with 2 trials per pretrain trial t gets trials
-    2t + k and the pretrain's checkpoint_id; that id links it even though the checkpoint file moved."""
+    2t + k and the pretrain's checkpoint_id as its label; the run id inside the checkpoint links it even
+    though the file moved and its md5 matches nothing."""
     root = tmp_path / "s"
     for t in (0, 1):
         p = root / "mocov2-r50" / f"trial{t}" / "pretrain"
-        pretrain_run(p, {**V2, "seed": 0}, md5=md5_of(str(t)))
+        ckpt = pretrain_run(p, {**V2, "seed": 0}, md5=md5_of(str(t)))
+        moved = tmp_path / f"elsewhere{t}.pth"
+        shutil.copy(ckpt, moved)
         ident = {"variant": "mocov2-r50", "checkpoint_id": f"mocov2-r50/trial{t}"}
         (p / "stage.json").write_text(json.dumps({**ident, "trial": t, "stage": "pretrain", "id": "x"}))
         for k in (0, 1):
-            e = root / "evals" / f"lin{t}{k}"  # not below the pretrain dir: layout cannot link it
-            eval_run(e, "linear", {"top1": 67.0 + 2 * t + k}, ckpt=tmp_path / "elsewhere.pth", md5=md5_of("e"))
+            e = root / "evals" / f"lin{t}{k}"  # not below the pretrain dir
+            eval_run(e, "linear", {"top1": 67.0 + 2 * t + k}, ckpt=moved, md5=md5_of("e"))
             (e / "stage.json").write_text(json.dumps({**ident, "trial": 2 * t + k, "benchmark_trial": k,
                                                       "stage": "eval"}))
     df = gather(root, progress=False).frame
     lin = df[df["benchmark"] == "linear"].sort_values("trial")
     assert lin["variant"].tolist() == ["mocov2-r50"] * 4 and lin["trial"].tolist() == [0, 1, 2, 3]
-    assert lin["link"].tolist() == ["stage.json"] * 4 and lin["official"].tolist() == ["v2"] * 4
+    assert lin["link"].tolist() == ["run id"] * 4 and lin["official"].tolist() == ["v2"] * 4
     assert lin["checkpoint"].tolist() == ["mocov2-r50/trial0"] * 2 + ["mocov2-r50/trial1"] * 2
     agg = aggregate(df).set_index(["model", "metric"])
     assert agg.loc[("mocov2-r50", "top1"), ["mean", "n"]].tolist() == pytest.approx([68.5, 4])
@@ -302,8 +327,8 @@ def test_stage_json_precedence(tmp_path):
 def test_intermediate_released_and_unlinked(tmp_path):
     root = tmp_path / "s"
     ckpt = pretrain_run(root / "run", V2, md5=md5_of("a"))
-    eval_run(root / "lin_ep100", "linear", {"top1": 50.0}, ckpt=ckpt.parent / "checkpoint_0099.pth.tar",
-             md5=md5_of("b"))
+    mid = fake_checkpoint(ckpt.parent / "checkpoint_0099.pth.tar", f"run-{md5_of('a')[:8]}", 100)
+    eval_run(root / "lin_ep100", "linear", {"top1": 50.0}, ckpt=mid, md5=md5_of("b"))
     eval_run(tmp_path / "other" / "released", "linear", {"top1": 67.6},
              ckpt=tmp_path / "moco_v2_200ep_pretrain.pth.tar", md5="59fd9945" + "0" * 24)
     eval_run(tmp_path / "other" / "mystery", "knn", {"k20/top1": 10.0}, ckpt=tmp_path / "m.pth", md5=md5_of("f"))

@@ -9,7 +9,7 @@ import time
 import pytest
 import submitit
 
-from slurm import testing as st
+from mocobench.slurm import testing as st
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import pytest
 import torch
 import yaml
 
-from slurm import state, status, sweep
-from slurm import testing as st
+from mocobench.slurm import state, status, sweep
+from mocobench.slurm import testing as st
+from mocobench.slurm.wait import wait_slurm
 
 
 def _spec(root: Path, data: Path, variants: dict, benchmarks: dict | None = None, epochs: int = 2,
@@ -55,7 +56,7 @@ def test_preempted_pretrain_requeues_and_resumes_to_the_uninterrupted_weights(sw
     job_id = info["jobs"][-1]["job_id"]
     st.wait_for_file(stage_dir / "checkpoint_0000.pth.tar", 150, poll=0.1)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    (row,) = sweep.wait_slurm(root, poll=1, timeout=180)
+    (row,) = wait_slurm(root, poll=1, timeout=180)
     assert (row.state, row.job_id, row.restarts) == ("done", job_id, 1)
     assert [e["event"] for e in state.read_events(stage_dir)] == ["start", "requeue", "start", "done"]
     st.wait_slurm_job_ended(job_id, 60)
@@ -66,7 +67,7 @@ def test_preempted_pretrain_requeues_and_resumes_to_the_uninterrupted_weights(sw
     assert len(resumed) == 1 and "at epoch 5" not in resumed[0]  # it resumed mid-run, not after the end
 
     # the same config run without interruption, in this process with the job's one thread
-    from pretrain.train import PretrainConfig, run
+    from mocobench.pretrain.train import PretrainConfig, run
     cfg = dict(info["payload"]["config"], out=str(root / "reference"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -83,7 +84,7 @@ def test_preempted_pretrain_requeues_and_resumes_to_the_uninterrupted_weights(sw
 
 def test_two_task_ddp_pretrain_over_gloo(sweeps):
     root = sweeps["ddp"]
-    (row,) = sweep.wait_slurm(root, poll=1, timeout=240)
+    (row,) = wait_slurm(root, poll=1, timeout=240)
     assert row.state == "done"
     stage_dir = root / "ddp" / "trial0" / "pretrain"
     assert "2 process(es)" in (stage_dir / "log.txt").read_text()
@@ -96,7 +97,7 @@ def test_two_task_ddp_pretrain_over_gloo(sweeps):
 
 def test_job_arrays_aftercorr_dependencies_and_a_failing_stage(sweeps, capsys):
     root = sweeps["arrays"]
-    rows = {r.id: r for r in sweep.wait_slurm(root, poll=1, timeout=300)}
+    rows = {r.id: r for r in wait_slurm(root, poll=1, timeout=300)}
     assert {k: r.state for k, r in rows.items()} == {
         "a/trial0/pretrain": "done", "bad/trial0/pretrain": "failed",
         "a/trial0/knn": "done", "bad/trial0/knn": "skipped"}

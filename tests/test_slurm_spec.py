@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.config import ConfigError
-from slurm import spec as sp
-from slurm.stages import build_stages
+from mocobench.core.errors import ConfigError
+from mocobench.slurm import spec as sp
+from mocobench.slurm.stages import build_stages
 
 SPECS = Path(__file__).resolve().parents[1] / "slurm" / "specs"
 
@@ -111,7 +111,7 @@ def test_third_party_checkpoints_and_fixed_weight_detectron2_entries(tmp_path):
 def test_resources_become_sbatch_options(tmp_path):
     if shutil.which("srun") is None:
         pytest.skip("submitit's Slurm executor needs the Slurm client commands (srun) installed")
-    from slurm.sweep import make_executor
+    from mocobench.slurm.submit import make_executor
     res = sp.merge_resources(sp.Resources(cpus_per_task=10, timeout_min=4320, partition="learnfair"),
                              sp.Resources(nodes=2, gpus_per_node=8, mem_gb=400, constraint="volta32gb",
                                           account="vision", qos="high", sbatch_args={"exclusive": True},
@@ -156,7 +156,7 @@ def test_shipped_imagenet_spec_expands(tmp_path):
 
 
 def test_sacct_array_ranges_expand_and_never_override_started_tasks(monkeypatch):
-    from slurm import jobs
+    from mocobench.slurm import jobs
     assert jobs._expand("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
     assert jobs._expand("12_3") == ["12_3"] and jobs._expand("7") == ["7"]
     # sacct lists started array tasks on their own lines and the not-yet-started rest as one range line

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm import state, status, sweep
-from slurm import testing as st
+from mocobench.slurm import state, status, sweep
+from mocobench.slurm import testing as st
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from transfer.recipes import METRIC_NAMES, RECIPES, get_recipe
+from mocobench.transfer.recipes import METRIC_NAMES, RECIPES, get_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_D2 = importlib.util.find_spec("detectron2") is not None
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 # ---------------------------------------------------------------------------------------------------
 
 def test_importing_transfer_does_not_import_detectron2():
-    code = ("import sys, transfer, transfer.recipes, transfer.cli; "
+    code = ("import sys, transfer, mocobench.transfer.recipes, mocobench.transfer.cli; "
             "sys.exit(any(m.split('.')[0] == 'detectron2' for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
@@ -49,7 +49,7 @@ def test_recipe_table_names_and_files():
 
 
 def test_backbone_arch_to_detectron2_options():
-    from transfer.cli import TransferError, model_opts_for
+    from mocobench.transfer.cli import TransferError, model_opts_for
 
     assert model_opts_for("resnet50") == ["MODEL.RESNETS.DEPTH", 50]
     assert model_opts_for("resnet101") == ["MODEL.RESNETS.DEPTH", 101]
@@ -60,7 +60,7 @@ def test_backbone_arch_to_detectron2_options():
 
 
 def test_cli_rejects_unknown_recipe(capsys):
-    from transfer.cli import main
+    from mocobench.transfer.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["detectron2", "--recipe", "voc12", "--weights", "none", "--out", "x"])
@@ -82,7 +82,7 @@ def test_installer_is_idempotent_and_checks_its_argument():
 
 
 def _cfg(recipe: str, **kw):
-    from transfer.train import RunSpec, build_cfg
+    from mocobench.transfer.train import RunSpec, build_cfg
 
     return build_cfg(RunSpec(recipe=recipe, out_dir="/tmp/unused", data_root="/tmp/unused", start="", **kw))
 
@@ -149,7 +149,7 @@ def test_c4_box_head_ends_with_the_extra_norm():
     from detectron2.layers import NaiveSyncBatchNorm
     from detectron2.modeling import build_model
 
-    from transfer import modeling
+    from mocobench.transfer import modeling
 
     modeling.register()
     model = build_model(_cfg("voc07-c4", smoke=True, classes=["a", "b"])).eval()
@@ -166,7 +166,7 @@ def test_c4_box_head_ends_with_the_extra_norm():
 
 @pytest.fixture(scope="module")
 def demo():
-    demo_data = pytest.importorskip("pretrain.demo_data")
+    demo_data = pytest.importorskip("mocobench.core.demo_data")
     return demo_data.ensure_demo_data()  # the shared cache ($MOCOBENCH_DATA): built once for all tests
 
 
@@ -174,7 +174,7 @@ def demo():
 def test_register_demo_datasets_in_their_own_layout(demo, tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from transfer.datasets import DatasetLayoutError, register_datasets
+    from mocobench.transfer.datasets import DatasetLayoutError, register_datasets
 
     # VOCdevkit/VOC2007 and year-less COCO files, as the demo data writes them
     classes = register_datasets(["voc_2007_trainval"], ["voc_2007_test"], demo.root)
@@ -213,9 +213,9 @@ def test_moco_checkpoint_reaches_the_detectron2_model(tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from pretrain.checkpoints import write_checkpoint
-    from transfer import modeling
-    from transfer.cli import prepare_weights
+    from mocobench.checkpoints.convert import write_checkpoint
+    from mocobench.transfer import modeling
+    from mocobench.transfer.cli import prepare_weights
 
     torch.manual_seed(0)
     ref = torchvision.models.resnet50().state_dict()
@@ -244,7 +244,7 @@ def test_moco_checkpoint_reaches_the_detectron2_model(tmp_path):
 
 def test_flatten_results_names():
     pytest.importorskip("detectron2")
-    from transfer.train import flatten_results
+    from mocobench.transfer.train import flatten_results
 
     voc = {"bbox": {"AP": 50.0, "AP50": 80.0, "AP75": 55.0}}
     assert flatten_results("voc", voc) == {"AP": 50.0, "AP50": 80.0, "AP75": 55.0}
@@ -307,8 +307,8 @@ def one_thread():
 
 
 def _smoke(recipe: str, root: Path, out: Path, *extra: str) -> dict:
-    from results.records import read_metrics
-    from transfer.cli import main
+    from mocobench.core.records import read_metrics
+    from mocobench.transfer.cli import main
 
     argv = ["detectron2", "--recipe", recipe, "--weights", "none", "--out", str(out), "--data-root", str(root),
             "--smoke", "--num-gpus", "0", *extra]
@@ -376,7 +376,7 @@ def test_smoke_resume_and_eval_only(smoke_root, one_thread):
 
 @needs_d2
 def test_runner_input_errors(smoke_root, tmp_path, capsys):
-    from transfer.cli import main
+    from mocobench.transfer.cli import main
 
     base = ["detectron2", "--recipe", "voc07-c4", "--out", str(tmp_path / "o"), "--data-root", str(smoke_root),
             "--smoke", "--num-gpus", "0"]

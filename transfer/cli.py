@@ -10,8 +10,8 @@ import re
 import sys
 from pathlib import Path
 
-from results.records import now_iso
-from transfer.recipes import RECIPES
+from mocobench.core.records import now_iso
+from mocobench.transfer.recipes import RECIPES
 
 INSTALL_HINT = "install it with: bash transfer/install_detectron2.sh .venv/bin/python (see docs/transfer.md)"
 
@@ -89,7 +89,8 @@ def prepare_weights(weights: str, out_dir: Path, trust: bool = False) -> tuple[s
     """
     if weights.lower() == "none":
         return "", {"checkpoint": None, "checkpoint_md5": None, "format": "none", "arch": None}, []
-    from pretrain.checkpoints import convert, parse_random_spec
+    from mocobench.checkpoints.convert import convert
+    from mocobench.checkpoints.random_init import parse_random_spec
 
     is_file = parse_random_spec(weights) is None
     src = Path(weights).expanduser()
@@ -113,8 +114,8 @@ def prepare(args: argparse.Namespace):
         import detectron2  # noqa: F401
     except ImportError:
         raise TransferError(f"detectron2 is not installed; {INSTALL_HINT}") from None
-    from transfer.datasets import register_datasets
-    from transfer.train import RunSpec, build_cfg
+    from mocobench.transfer.datasets import register_datasets
+    from mocobench.transfer.train import RunSpec, build_cfg
 
     if args.num_gpus is None:
         args.num_gpus = _visible_gpus()
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from detectron2.engine import launch
 
-    from transfer.train import run
+    from mocobench.transfer.train import run
 
     launch(run, max(args.num_gpus, 1), num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(spec,))

@@ -21,10 +21,10 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
-from results.records import write_metrics
-from transfer import modeling
-from transfer.datasets import register_datasets
-from transfer.recipes import COCO_KEYS, SMOKE_CONFIG, get_recipe
+from mocobench.core.records import write_metrics
+from mocobench.transfer import modeling
+from mocobench.transfer.datasets import register_datasets
+from mocobench.transfer.recipes import COCO_KEYS, SMOKE_CONFIG, get_recipe
 
 logger = logging.getLogger("detectron2.mocobench")  # shares detectron2's handlers and log.txt
 

@@ -2,7 +2,7 @@
 recipe (fp32, NCHW, no autocast: `PretrainConfig(amp=False, channels_last=False)`) against the project's
 default fast path (`PretrainConfig()`'s amp / channels_last), interleaved round by round in one process.
 
-The step is the one of `pretrain.train.run` (model from `pretrain.train.build_model`, SGD, cross-entropy on
+The step is the one of `mocobench.pretrain.train.run` (model from `mocobench.pretrain.train.build_moco`, SGD, cross-entropy on
 MoCo's logits, autocast bf16 on CPU / fp16-bf16 on GPU when amp is on) on synthetic image tensors, so data
 loading is not timed (`mocobench bench loader` measures that). Batch 32 is one GPU's share of the official
 8-GPU batch 256, so the step runs as one rank: one BN group (ShuffleBN still shuffles the batch).
@@ -24,10 +24,10 @@ import dataclasses
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.timing import emit, interleaved, median, paired_ratio, peak_rss_mib, rate
-from pretrain.config import apply_overrides, load_yaml
-from pretrain.distributed import amp_dtype
-from pretrain.train import CONFIG_DIR, PretrainConfig, build_model, resolve_fast_path, train_step
+from mocobench.bench.timing import emit, interleaved, median, paired_ratio, peak_rss_mib, rate
+from mocobench.core.config import apply_overrides, load_yaml
+from mocobench.core.distributed import amp_dtype
+from mocobench.pretrain.train import CONFIG_DIR, PretrainConfig, build_moco, resolve_fast_path, train_step
 
 TARGET_RATIO = 2.5
 TARGET_PEAK_FRACTION = 0.75
@@ -35,8 +35,8 @@ TARGET_PEAK_FRACTION = 0.75
 # benchmark's image size: the fast path only where bf16 is fast here, channels_last from 128 px on CPUs).
 _DEFAULTS = resolve_fast_path(PretrainConfig(), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 # name -> (amp, channels_last, torch.compile of the encoders); "fast" is the project's fast path (bf16 +
-# channels_last), "default" what training resolves to here (see pretrain.train.cpu_bf16_is_fast).
-# The *-compile variants are candidates (pretrain.train has no compile option): compiling takes minutes.
+# channels_last), "default" what training resolves to here (see mocobench.pretrain.train.cpu_bf16_is_fast).
+# The *-compile variants are candidates (mocobench.pretrain.train has no compile option): compiling takes minutes.
 VARIANTS = {"official": (False, False, False), "fast": (True, True, False),
             "fp32-cl": (False, True, False), "bf16-nchw": (True, False, False),
             "fp32-cl-compile": (False, True, True), "fast-compile": (True, True, True),
@@ -50,13 +50,13 @@ def moco_v2_config(arch: str, batch_size: int, size: int) -> PretrainConfig:
 
 
 class StepRunner:
-    """One variant: its own model and optimizer, and the training step of pretrain.train.run."""
+    """One variant: its own model and optimizer, and the training step of mocobench.pretrain.train.run."""
 
     def __init__(self, cfg: PretrainConfig, amp: bool, channels_last: bool, device: torch.device, seed: int = 0,
                  compile: bool = False):
         torch.manual_seed(seed)
         self.cfg, self.amp, self.channels_last, self.device = cfg, amp, channels_last, device
-        self.model = build_model(cfg, world=1).to(device)
+        self.model = build_moco(cfg, world=1).to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if compile:  # in place (Module.compile keeps state_dict keys); MoCo's queue/shuffle stay eager
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, from {', '.join(VARIANTS)} (fast = bf16 + channels_last; default = "
                              f"what training resolves to here, at 224 px amp={_DEFAULTS.amp}, "
                              f"channels_last={_DEFAULTS.channels_last})")
-    parser.add_argument("--arch", default="resnet50", help="backbone (pretrain.backbones name)")
+    parser.add_argument("--arch", default="resnet50", help="backbone (mocobench.core.backbones name)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per step (one rank's share)")
     parser.add_argument("--size", type=int, default=None, help="image size (default 224, quick 64)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.timing import emit
+from mocobench.bench.timing import emit
 
 # images per class in VOC2007 trainval (of 5011), the class balance the synthetic data copies
 VOC07_TRAINVAL_COUNTS = (238, 243, 330, 181, 244, 186, 713, 337, 445, 141, 200, 421, 287, 245, 2008, 245, 96,
@@ -65,7 +65,7 @@ def synthetic_voc(n_train: int, n_test: int, dim: int, classes: int = 20, seed: 
 def _protocol_result(protocol: str, data: dict, so, lowshot: dict) -> dict:
     """Run one protocol; the figures both solvers are compared on (percent)."""
     if protocol == "lowshot":
-        from evaluate.lowshot import lowshot_svm
+        from mocobench.evaluate.lowshot import lowshot_svm
         res = lowshot_svm(data["train_feats"], data["train_labels"], data["test_feats"], data["test_labels"], so,
                           lowshot["k_values"], lowshot["samples"], progress=False)
         summary = res.summary("test")
@@ -74,7 +74,7 @@ def _protocol_result(protocol: str, data: dict, so, lowshot: dict) -> dict:
                 "per_k": {f"k{k}": row["mean"] for k, row in summary.items()},
                 "chosen": [row["cost"] for row in summary.values()],
                 "test_ap": np.concatenate([100 * m.ravel() for m in res.test_map.values()]).tolist()}
-    from evaluate.svm import voc07_svm
+    from mocobench.evaluate.svm import voc07_svm
     res = voc07_svm(data["train_feats"], data["train_labels"], data["test_feats"], data["test_labels"], so,
                     progress=False)
     return {"protocol_seconds": res.seconds, "solver": res.solver, "mAP": 100 * res.mAP,
@@ -85,17 +85,18 @@ def _run_variant(conn, solver: str, data_spec: dict, opts: dict, threads: int, p
                  lowshot: dict | None = None) -> None:
     """Child process: load/make the features, run the whole protocol with one solver, report back."""
     try:
-        import torch
-        from evaluate.features import load_features, peak_rss_mb
-        from evaluate.svm import SVMSolverOptions
-        torch.set_num_threads(max(1, threads))
+        from mocobench.evaluate.feature_file import load_features
+        from mocobench.evaluate.report import peak_rss_mb
+        from mocobench.evaluate.svm import SVMSolverOptions
+        from mocobench.evaluate.svm_process import configure_svm_process
+        so = SVMSolverOptions(solver=solver, n_jobs=max(1, threads), threads=max(1, threads), **opts)
+        configure_svm_process(so.solver, so.device, so.threads)  # this process is the entry point
         if "features" in data_spec:
             fs = load_features(data_spec["features"])
             data = {"train_feats": fs.train_feats, "train_labels": fs.train_labels, "test_feats": fs.test_feats,
                     "test_labels": fs.test_labels}
         else:
             data = synthetic_voc(**data_spec)
-        so = SVMSolverOptions(solver=solver, n_jobs=max(1, threads), threads=max(1, threads), **opts)
         t0 = time.perf_counter()
         out = _protocol_result(protocol, data, so, lowshot or {})
         conn.send({"seconds": time.perf_counter() - t0, **out, "peak_rss_mib": peak_rss_mb()["self"]})
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     n_costs = len(opts.get("costs", ())) or 11
     lowshot = None
     if args.protocol == "lowshot":
-        from evaluate.lowshot import K_VALUES
+        from mocobench.evaluate.lowshot import K_VALUES
         try:
             k_values = [int(k) for k in args.k_values.split(",")] if args.k_values else \
                 list(QUICK_K_VALUES if args.quick else K_VALUES)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = {"pretrain": "benchmarks.pretrain", "loader": "benchmarks.loader", "svm": "benchmarks.svm"}
+BENCHMARKS = {"pretrain": "mocobench.bench.pretrain", "loader": "mocobench.bench.loader", "svm": "mocobench.bench.svm"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,20 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-
-class DataError(ValueError):
-    """Bad dataset input; the message names the path and what was expected."""
-
-
-def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-        return img.convert("RGB")
+from mocobench.core.errors import DataError
+from mocobench.core.images import load_rgb
 
 
 class RobustImageFolder(ImageFolder):
@@ -34,7 +25,7 @@ class RobustImageFolder(ImageFolder):
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist; expected ImageFolder layout root/<class>/<image>")
         try:
-            super().__init__(str(root), transform=transform, loader=_load_rgb)
+            super().__init__(str(root), transform=transform, loader=load_rgb)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"image folder {root}: {e}; expected root/<class>/<image> with extensions "
                             f"{', '.join(IMG_EXTENSIONS)}") from None

@@ -3,7 +3,11 @@
 Schema (all plain JSON):
   stage       "pretrain" | "eval" | "transfer"
   benchmark   e.g. "linear", "knn", "svm", "lowshot", "semisup", "voc07-c4"
-  checkpoint  {"path": str, "md5": str} or null
+  run_id      this record's run: a pretrain run keeps one id across resumes and stores it in every
+              checkpoint it writes; other stages get a fresh id per record
+  checkpoint  {"path": str, "md5": str, "run_id": str | null, "epoch": int | null} or null, where run_id /
+              epoch are read from the checkpoint (a mocobench pretrain's; null for other formats): this is
+              how `results` links an evaluation to the pretrain run that made its checkpoint
   metrics     {name: number | list | dict}   (flat numbers are what tables read)
   config      the resolved stage config
   start, end  ISO-8601 UTC times;  host;  git_sha (null outside a checkout)
@@ -13,12 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import pickle
 import socket
 import subprocess
+import uuid
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+STAGE_FILE = "stage.json"  # the identity a sweep writes beside a stage's metrics.json
+CHECKPOINT_NAME = "checkpoint_{epoch:04d}.pth.tar"  # the official MoCo name; epoch counted from 0
+CHECKPOINT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
 SCHEMA_KEYS = ("stage", "benchmark", "checkpoint", "metrics", "config", "start", "end", "host", "git_sha")
 
 
@@ -32,6 +43,27 @@ def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def new_run_id() -> str:
+    """A fresh run identity (16 hex digits of a random UUID)."""
+    return uuid.uuid4().hex[:16]
+
+
+def checkpoint_identity(path: str | Path) -> dict:
+    """`run_id` and `epoch` stored in a mocobench checkpoint; None for other formats or unreadable files.
+
+    Read with `torch.load(weights_only=True, mmap=True)`: no code runs and the tensors are not read."""
+    import torch  # only here: `results` reads records without torch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
+        return {"run_id": None, "epoch": None}
+    if not isinstance(obj, dict):
+        return {"run_id": None, "epoch": None}
+    run_id, epoch = obj.get("run_id"), obj.get("epoch")
+    return {"run_id": run_id if isinstance(run_id, str) else None,
+            "epoch": int(epoch) if isinstance(epoch, int) and "state_dict" in obj else None}
 
 
 def git_sha() -> str | None:
@@ -56,15 +88,16 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_metrics(out_dir: str | Path, *, stage: str, benchmark: str, metrics: dict, config: dict,
-                  start: str, checkpoint: str | Path | None = None, checkpoint_md5: str | None = None) -> Path:
-    """Write `out_dir/metrics.json` atomically and return its path."""
+                  start: str, checkpoint: str | Path | None = None, checkpoint_md5: str | None = None,
+                  run_id: str | None = None) -> Path:
+    """Write `out_dir/metrics.json` atomically and return its path (`run_id`: a pretrain's own id)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = None
     if checkpoint is not None:
-        ckpt = {"path": str(Path(checkpoint).resolve()),
-                "md5": checkpoint_md5 or file_md5(checkpoint)}
-    record = {"stage": stage, "benchmark": benchmark, "checkpoint": ckpt, "metrics": _jsonable(metrics),
+        ckpt = {"path": str(Path(checkpoint).resolve()), "md5": checkpoint_md5 or file_md5(checkpoint),
+                **checkpoint_identity(checkpoint)}
+    record = {"stage": stage, "benchmark": benchmark, "run_id": run_id or new_run_id(), "checkpoint": ckpt, "metrics": _jsonable(metrics),
               "config": _jsonable(config), "start": start, "end": now_iso(), "host": socket.gethostname(),
               "git_sha": git_sha()}
     path = out / "metrics.json"

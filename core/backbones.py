@@ -87,9 +87,3 @@ def infer_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:
             arch = "wide_" + arch + "_2"
     return arch, width
 
-
-def feature_dim(model: nn.Module) -> int:
-    """Channels of the last stage (the input size of `fc` when fc is a Linear, else of its first layer)."""
-    fc = model.fc
-    first = fc[0] if isinstance(fc, nn.Sequential) else fc
-    return first.in_features

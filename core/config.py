@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config value or key; the message names the key and what was expected."""
+from mocobench.core.errors import ConfigError
 
 
 def option(default: Any, help_: str) -> Any:

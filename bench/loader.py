@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.timing import emit, interleaved, median, paired_ratio, rate
-from pretrain.augment import TwoCropsTransform, moco_augmentation
-from pretrain.data import _load_rgb
-from pretrain.fast_augment import IMAGENET_STD, TensorMocoAugmentation, decode_rgb, reference_apply
+from mocobench.bench.timing import emit, interleaved, median, paired_ratio, rate
+from mocobench.core.images import decode_rgb, load_rgb
+from mocobench.core.transforms import IMAGENET_STD
+from mocobench.pretrain.augment import TwoCropsTransform, moco_augmentation
+from mocobench.pretrain.fast_augment import TensorMocoAugmentation, reference_apply
 
 TARGET_RATIO = 1.5
 # typical ImageNet train sizes (the median image is about 500x375)
@@ -88,7 +89,7 @@ def paired_difference(paths: list[Path], size: int, views: int = 16) -> dict:
         p = paths[i % len(paths)]
         img = decode_rgb(p)
         params = aug.sample(img.shape[1], img.shape[2])
-        d = (aug.apply(img, params) - reference_apply(_load_rgb(str(p)), params, aug)) * to_grey
+        d = (aug.apply(img, params) - reference_apply(load_rgb(str(p)), params, aug)) * to_grey
         absd.append(d.abs().mean().item())
         bias.append(d.mean().item())
     return {"paired_views": views, "paired_mean_abs_diff_grey": round(float(np.mean(absd)), 3),
@@ -106,7 +107,7 @@ def run(paths: list[Path], rounds: int, size: int = 224, seed: int = 0) -> dict:
 
     def official_pass() -> int:
         for p in paths:
-            stats["official"].add(official(_load_rgb(str(p))))
+            stats["official"].add(official(load_rgb(str(p))))
         return len(paths)
 
     def project_pass() -> int:

@@ -1,4 +1,4 @@
-"""`mocobench inspect CKPT` and `mocobench convert --to FMT IN OUT`: thin CLIs over pretrain.checkpoints.
+"""`mocobench inspect CKPT` and `mocobench convert --to FMT IN OUT`: thin CLIs over mocobench.checkpoints.
 
 Both read through `load_backbone` (safe by default; `--trust-checkpoint` opts into full unpickling).
 The detectron2 output follows facebookresearch/moco detection/convert-pretrain-to-detectron2.py.
@@ -10,8 +10,12 @@ import json
 import sys
 from collections import Counter
 
-from pretrain.checkpoints import TRUST_FLAG, WRITE_FORMATS, CheckpointError, LoadedCheckpoint, build_model, \
-    convert, load_backbone
+from mocobench.checkpoints.canonical import LoadedCheckpoint
+from mocobench.checkpoints.convert import WRITE_FORMATS, convert
+from mocobench.checkpoints.formats import load_backbone
+from mocobench.checkpoints.models import model_from_checkpoint
+from mocobench.checkpoints.safe_load import TRUST_FLAG
+from mocobench.core.errors import CheckpointError
 
 _FORMAT_HELP = ("moco (ours / facebookresearch/moco v1, v2), moco_v3, mmselfsup, vissl, torchvision, timm, "
                 "ddp (module.-prefixed SwAV/DINO/BYOL dumps), detectron2 (.pkl), random:ARCH[:WIDTH]")
@@ -77,7 +81,7 @@ def inspect_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         if args.arch or args.width:
-            _, ckpt = build_model(args.checkpoint, trust=args.trust, arch=args.arch, width=args.width)
+            _, ckpt = model_from_checkpoint(args.checkpoint, trust=args.trust, arch=args.arch, width=args.width)
         else:
             ckpt = load_backbone(args.checkpoint, trust=args.trust)
     except CheckpointError as e:

@@ -1,0 +1,1 @@
+"""Checkpoint reading (safe, every known format), model building, conversion and the inspect/convert commands."""

@@ -1,0 +1,1 @@
+"""The shared core every stage imports: config, errors, distributed, records, atomic I/O, images, data."""

@@ -1,0 +1,41 @@
+"""What every evaluator checks and reports: the `--checkpoint` argument (a file or a random:ARCH[:WIDTH]
+spec), peak memory, and `report`, the shared ending that writes OUT/metrics.json (core/records.py schema)
+and prints the result line with the path of that file.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+from mocobench.checkpoints.random_init import parse_random_spec
+from mocobench.core.config import to_dict
+from mocobench.core.errors import CheckpointError
+from mocobench.core.records import write_metrics
+
+
+def check_checkpoint(checkpoint: str | Path) -> bool:
+    """True for a `random:ARCH[:WIDTH]` spec, True for an existing file, else a CheckpointError."""
+    if parse_random_spec(str(checkpoint)) is not None or Path(checkpoint).is_file():
+        return True
+    raise CheckpointError(f"checkpoint {checkpoint} not found; expected a checkpoint file or random:ARCH[:WIDTH]")
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory so far (MiB) of this process and of its finished children (loader workers)."""
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss: KiB on Linux, bytes on macOS
+    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale}
+
+
+def report(cfg, benchmark: str, metrics: dict, start: str, summary: str, checkpoint_md5: str | None = None) -> Path:
+    """Write `cfg.out`/metrics.json for an evaluator run and print `summary -> <that path>`.
+
+    The record names `cfg.checkpoint` when it is a file (with `checkpoint_md5` when the caller knows it,
+    e.g. the feature cache key, else the file's md5); a random:ARCH spec or a run on a features file alone
+    records no checkpoint. Returns the path of metrics.json."""
+    ckpt = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
+    path = write_metrics(cfg.out, stage="eval", benchmark=benchmark, metrics=metrics, config=to_dict(cfg),
+                         start=start, checkpoint=ckpt, checkpoint_md5=checkpoint_md5 if ckpt else None)
+    print(f"{summary} -> {path}", flush=True)
+    return path

@@ -1,0 +1,202 @@
+"""Exact Newton directions of the primal SVM through the dual of each problem's active set: batched
+Cholesky factorisations of K_SS + diag(1/2a_S), and rank updates of them when an active set moves by a
+few rows between Newton steps (bordering for added rows, multipliers pinning dropped rows to zero).
+Used by evaluate/svm_newton.py (large C: few active rows, ill-conditioned) and evaluate/svm_kernel.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mocobench.evaluate.native import cholesky_lower
+
+
+def padded_gram(K: torch.Tensor) -> torch.Tensor:
+    """K with one more row and column of zeros (index N): what `direct_directions` gathers active sets from,
+    so a padding index needs no masking."""
+    n = len(K)
+    out = torch.zeros(n + 1, n + 1, dtype=K.dtype, device=K.device)
+    out[:n, :n] = K
+    return out
+
+
+@dataclass
+class ActiveSetFactors:
+    """Factorised active-set systems of a chunk of problems, kept between Newton steps of one `newton_solve`
+    call (the costs, hence the diagonals, are fixed there): `idx` (b, s) the rows each was built on, padded
+    with the padding row N, and `L` (b, s, s) the lower Cholesky factors of K_SS + diag(1/2a_S) (unit rows
+    and columns at the padding; only the lower triangle is the factor, see `cholesky_lower`). A problem
+    refers to its factor as (chunk, position)."""
+    idx: torch.Tensor
+    L: torch.Tensor
+
+
+def active_set_solve(K_SS: torch.Tensor, a: torch.Tensor, y: torch.Tensor, valid: torch.Tensor):
+    """g = (K_SS + diag(1/2a))^-1 y for a batch of gathered active sets (b, s, s; overwritten), rows where
+    `valid` is False being padding, gathered from a zero row and column (they become unit rows: g is 0
+    there); returns g and the factor."""
+    M = K_SS.to(torch.float64)
+    M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / a, 1.0))
+    L = cholesky_lower(M)
+    rhs = torch.where(valid, y, 0.0).to(torch.float64)[..., None]
+    g = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True)
+    return g[..., 0], L
+
+
+def _refactored_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, sizes: torch.Tensor,
+                      order: torch.Tensor, s: int):
+    """Dual solutions g (b, N+1; column N is padding) of b active-set systems, each by a fresh Cholesky
+    factorisation of its K_SS + diag(1/2a_S) (padded to s rows with decoupled unit rows), and the factors."""
+    pad = len(Kpad) - 1
+    valid = torch.arange(s, device=Kpad.device)[None, :] < sizes[:, None]
+    idx = torch.where(valid, order[:, :s], pad)
+    at = idx.clamp_max(pad - 1)
+    gamma, L = active_set_solve(Kpad[idx[:, :, None], idx[:, None, :]], A.gather(1, at), Y.gather(1, at), valid)
+    dual = torch.zeros(len(idx), pad + 1, dtype=gamma.dtype, device=Kpad.device)
+    dual.scatter_(1, idx, torch.where(valid, gamma, 0.0))
+    return dual, ActiveSetFactors(idx, L)
+
+
+def _updated_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, F: ActiveSetFactors):
+    """Dual solutions g (b, N+1) of b active-set systems from the Cholesky factors of earlier, slightly different
+    active sets (same costs), or None if a small system below is not numerically positive definite.
+
+    With R = the factor's rows, S = the current active set, Add = S \\ R and Drop = R \\ S: the system on
+    U = R + Add is bordered, M_U = [[M_R, B], [B^T, M_AA]], whose factor is [[L, 0], [W^T, L_A]] with W = L^-1 B
+    and L_A = chol(M_AA - W^T W); then g = M_U^-1 (y_U + E_D mu) with g_Drop = 0 fixes the multipliers
+    mu = -(E_D^T M_U^-1 E_D)^-1 E_D^T M_U^-1 y_U. Triangular solves with |Add| + 2 |Drop| + 2 columns and
+    a few small systems replace a gather and a Cholesky of |S| x |S| (~|S|/3 columns' worth of flops).
+    """
+    pad, dev = len(Kpad) - 1, Kpad.device
+    L, ref = F.L, F.idx
+    b, m = ref.shape
+    ref_valid = ref < pad
+    active = torch.cat([A > 0, torch.zeros(b, 1, dtype=torch.bool, device=dev)], 1)  # (b, N+1)
+    drop = ref_valid & ~active.gather(1, ref)
+    in_ref = torch.zeros_like(active).scatter_(1, ref, ref_valid)
+    add = active & ~in_ref
+    n_add, n_drop = add.sum(1), drop.sum(1)
+    amax, dmax = int(n_add.max()), int(n_drop.max())
+    valid_a = torch.arange(amax, device=dev)[None, :] < n_add[:, None]
+    add_idx = torch.where(valid_a, torch.argsort((~add).to(torch.int8), dim=1, stable=True)[:, :amax], pad)
+    valid_d = torch.arange(dmax, device=dev)[None, :] < n_drop[:, None]
+    drop_pos = torch.argsort((~drop).to(torch.int8), dim=1, stable=True)[:, :dmax]  # positions in R
+    y_ref = torch.where(ref_valid, Y.gather(1, ref.clamp_max(pad - 1)), 0.0).to(torch.float64)
+    y_add = torch.where(valid_a, Y.gather(1, add_idx.clamp_max(pad - 1)), 0.0).to(torch.float64)
+
+    # right-hand sides: y_U, then the unit vectors of the dropped rows
+    R1 = torch.zeros(b, m, 1 + dmax, dtype=torch.float64, device=dev)
+    R1[:, :, 0] = y_ref
+    R1[:, :, 1:].scatter_(1, drop_pos[:, None, :], valid_d[:, None, :].to(torch.float64))
+    X1 = torch.linalg.solve_triangular(L, R1, upper=False)
+    if amax:
+        B = Kpad[ref[:, :, None], add_idx[:, None, :]].to(torch.float64)
+        Maa = Kpad[add_idx[:, :, None], add_idx[:, None, :]].to(torch.float64)
+        Maa.diagonal(dim1=1, dim2=2).add_(torch.where(valid_a, 0.5 / A.gather(1, add_idx.clamp_max(pad - 1)), 1.0))
+        Wb = torch.linalg.solve_triangular(L, B, upper=False)
+        La, info = torch.linalg.cholesky_ex(Maa - Wb.mT @ Wb)
+        if bool((info != 0).any()):
+            return None
+        R2 = torch.zeros(b, amax, 1 + dmax, dtype=torch.float64, device=dev)
+        R2[:, :, 0] = y_add
+        X2 = torch.linalg.solve_triangular(La, R2 - Wb.mT @ X1, upper=False)
+        Z2 = torch.linalg.solve_triangular(La.mT, X2, upper=True)
+        X1 = X1 - Wb @ Z2
+    Z1 = torch.linalg.solve_triangular(L.mT, X1, upper=True)
+    g1 = Z1[:, :, 0]
+    g2 = Z2[:, :, 0] if amax else None
+    if dmax:  # multipliers that make g vanish on the dropped rows
+        eye = torch.eye(dmax, dtype=torch.bool, device=dev)
+        both = valid_d[:, :, None] & valid_d[:, None, :]
+        G = torch.where(both, Z1[:, :, 1:].gather(1, drop_pos[:, :, None].expand(b, dmax, dmax)), eye.double())
+        Lg, info = torch.linalg.cholesky_ex(G)
+        if bool((info != 0).any()):
+            return None
+        rhs = torch.where(valid_d, -g1.gather(1, drop_pos), 0.0)
+        mu = torch.cholesky_solve(rhs[..., None], Lg)
+        g1 = g1 + (Z1[:, :, 1:] @ mu)[..., 0]
+        if amax:
+            g2 = g2 + (Z2[:, :, 1:] @ mu)[..., 0]
+    dual = torch.zeros(b, pad + 1, dtype=torch.float64, device=dev)
+    dual.scatter_(1, ref, torch.where(ref_valid & ~drop, g1, 0.0))
+    if amax:
+        dual.scatter_(1, add_idx, torch.where(valid_a, g2, 0.0))
+    return dual
+
+
+def direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, W: torch.Tensor,
+                       factors: list | None = None, max_bytes: int = 1 << 27, update_ratio: float = 2.0):
+    """Exact Newton directions through the dual of the active set S (rows with a positive a = cost x violated).
+
+    On a fixed S the objective is quadratic with minimiser w+ = Z_S^T g, (K_SS + diag(1/2a_S)) g = y_S
+    (K = Z Z^T, given as `padded_gram(K)`), one Cholesky solve of size |S| instead of many CG steps; worth
+    it when |S| is small, which is where CG is slowest (large C: few margin violators, ill-conditioned
+    Hessian). Problems are sorted by |S|, padded to the largest |S| of a chunk (the zero row of Kpad, unit
+    diagonal) and solved in float64 (a float32 factorisation is too inexact at large C for Newton to reach
+    a tight tolerance).
+
+    `factors` holds, per problem, None or the (ActiveSetFactors, position) of its factorisation at an
+    earlier Newton step of the same costs. A chunk whose active sets all moved little from those rows is
+    solved by updating the factors (`_updated_duals`: triangular solves with |Add| + 2|Drop| + 2 columns,
+    used while that is at most `update_ratio` x the |S|/3 columns' worth of a new Cholesky), the others
+    are refactorised. Returns the directions and each problem's factor reference for the next step.
+    """
+    pad = len(Kpad) - 1
+    act = A > 0
+    sizes = act.sum(1)
+    factors = list(factors) if factors is not None else [None] * len(W)
+    dual = torch.zeros(len(W), pad + 1, dtype=torch.float64, device=Z.device)
+    refactor = [True] * len(W)
+    chunks: dict[int, list[int]] = {}  # factor chunk -> the problems that refer to it
+    for p, ref in enumerate(factors):
+        if ref is not None:
+            chunks.setdefault(id(ref[0]), []).append(p)
+    for members in chunks.values():
+        F = factors[members[0]][0]
+        pos = torch.tensor([factors[p][1] for p in members], device=Z.device)
+        sel = torch.tensor(members, device=Z.device)
+        ref = F.idx[pos]
+        ref_valid = ref < pad
+        act_pad = torch.cat([act[sel], torch.zeros(len(sel), 1, dtype=torch.bool, device=Z.device)], 1)
+        kept = (act_pad.gather(1, ref) & ref_valid).sum(1)
+        n_drop = ref_valid.sum(1) - kept
+        cols = (sizes[sel] - kept) + 2 * n_drop + 2
+        near = (cols * 3 <= update_ratio * sizes[sel]) & (sizes[sel] > 0)  # the others are refactorised
+        if not bool(near.any()):
+            continue
+        pos, sel = pos[near], sel[near]
+        if 2 * len(pos) >= len(F.idx):  # update the whole chunk rather than copy factors out of it: the
+            # positions not updated get their factor's own rows as active set and y = 0 (nothing to do)
+            Yc = torch.zeros(len(F.idx), Y.shape[1], dtype=Y.dtype, device=Z.device)
+            Ac = torch.zeros(len(F.idx), pad + 1, dtype=A.dtype, device=Z.device).scatter_(1, F.idx, 1.0)[:, :pad]
+            Yc[pos], Ac[pos] = Y[sel], A[sel]
+            got = _updated_duals(Kpad, Yc, Ac, F)
+            got = got[pos] if got is not None else None
+        else:
+            got = _updated_duals(Kpad, Y[sel], A[sel], ActiveSetFactors(F.idx[pos], F.L[pos]))
+        if got is not None:
+            dual[sel] = got
+            for p in sel.tolist():
+                refactor[p] = False
+    todo = torch.tensor([p for p in range(len(W)) if refactor[p]], dtype=torch.long, device=Z.device)
+    if len(todo):
+        order = torch.argsort((~act[todo]).to(torch.int8), dim=1, stable=True)  # active rows first, in row order
+        by_size = torch.argsort(sizes[todo])  # chunks of problems with similar |S|: little padding
+        sorted_sizes = sizes[todo][by_size].tolist()
+        start = 0
+        while start < len(todo):
+            end = start + 1  # grow the chunk while its padded systems fit in max_bytes
+            while end < len(todo) and (end + 1 - start) * sorted_sizes[end] ** 2 * 8 <= max_bytes:
+                end += 1
+            sl, s = by_size[start:end], sorted_sizes[end - 1]
+            start = end
+            rows = todo[sl]
+            if s == 0:  # nothing active: w+ = 0
+                for p in rows.tolist():
+                    factors[p] = None
+                continue
+            d, F = _refactored_duals(Kpad, Y[rows], A[rows], sizes[rows], order[sl], s)
+            dual[rows] = d
+            for i, p in enumerate(rows.tolist()):
+                factors[p] = (F, i)
+    return dual[:, :pad].to(Z.dtype) @ Z - W, factors

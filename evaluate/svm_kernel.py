@@ -1,0 +1,76 @@
+"""Newton solver for SVM problems that each train on few rows (low-shot k <= 32), in the coefficients of
+their own rows: each step is an exact active-set step (evaluate/svm_active_set.py) on the problem's own
+Gram matrix, followed by the exact line search of evaluate/svm_newton.py."""
+from __future__ import annotations
+
+import torch
+
+from mocobench.evaluate.svm_active_set import active_set_solve
+from mocobench.evaluate.svm_newton import SolveInfo, line_search
+
+
+def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
+                        max_newton: int = 100, B0: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, SolveInfo]:
+    """`newton_solve` for problems that each train on few rows, in the coefficients of their own rows.
+
+    Problem p trains on n rows R_p (padding rows have cost 0) with Gram matrix Z_Rp Z_Rp^T = K[p, :n, :n],
+    K (P, n+1, n+1) being zero in its last row and column (where active-set gathers send padding); every
+    iterate is w_p = Z_Rp^T beta_p, the optimum's form, so scores are K beta, |w|^2 = beta^T K beta,
+    and the gradient Z_Rp^T (beta - 2 c y (1 - y K beta)_+) has norm^2 u^T K u. Each step is the exact
+    active-set step of `direct_directions` (a Cholesky of |S| <= n rows, gathered from the problem's own
+    K) and the same exact line search; nothing costs more than n^2 per problem but the factorisation,
+    where the shared-basis solver's matrix products cost (rows of all problems) x rank. Returns beta (P, n).
+    """
+    P, n = labels.shape
+    dev = K.device
+    Kn = K[:, :n, :n]  # (a strided view: products read it in place)
+    B_out = torch.zeros(P, n, dtype=K.dtype, device=dev)
+    B = B_out.clone() if B0 is None else B0.clone()
+    O = (Kn @ B[..., None])[..., 0]
+    CY = cost * labels
+    G0 = (4 * (CY * (Kn @ CY[..., None])[..., 0]).sum(1)).clamp_min(0).sqrt()
+    idx = torch.arange(P, device=dev)
+    live = torch.ones(P, dtype=torch.bool, device=dev)  # not yet converged
+    Y, C = labels, cost
+    converged = torch.zeros(P, dtype=torch.bool, device=dev)
+    newton = 0
+    for newton in range(1, max_newton + 1):
+        xi = 1 - Y * O
+        U = B - 2 * CY * xi.clamp_min(0)
+        gn = (U * (Kn @ U[..., None])[..., 0]).sum(1).clamp_min(0).sqrt()
+        done = live & (gn <= tol * G0)
+        if bool(done.any()):
+            B_out[idx[done]] = B[done]
+            converged[idx[done]] = True
+            live &= ~done
+            if not bool(live.any()):
+                break
+            if 2 * int(live.sum()) <= len(live):  # compact once half are done (K is the big copy)
+                idx, B, O, Y, C, CY, G0, xi, K, live = (a[live] for a in (idx, B, O, Y, C, CY, G0, xi, K, live))
+                Kn = K[:, :n, :n]
+        A = C * (xi > 0) * live[:, None]
+        act = A > 0
+        sizes = act.sum(1)
+        s = int(sizes.max())
+        target = torch.zeros_like(B)
+        if s:
+            go = (sizes > 0).nonzero()[:, 0]
+            order = torch.argsort((~act[go]).to(torch.int8), dim=1, stable=True)[:, :s]
+            valid = torch.arange(s, device=dev)[None, :] < sizes[go, None]
+            sel = torch.where(valid, order, n)  # padding: the zero row
+            at = sel.clamp_max(n - 1)
+            K_SS = torch.gather(K[go[:, None], sel], 2, sel[:, None, :].expand(-1, s, s))  # rows, then columns
+            g, _ = active_set_solve(K_SS, A[go].gather(1, at), Y[go].gather(1, at), valid)
+            full = torch.zeros(len(go), n + 1, dtype=torch.float64, device=dev)
+            full.scatter_(1, sel, torch.where(valid, g, 0.0))
+            target[go] = full[:, :n].to(B.dtype)
+        Dir = torch.where(live[:, None], target - B, 0.0)
+        KD = (Kn @ Dir[..., None])[..., 0]
+        t = line_search((B * KD).sum(1), (Dir * KD).sum(1), xi, Y * KD, C)
+        B = B + t[:, None] * Dir
+        O = O + t[:, None] * KD
+    if bool(live.any()):
+        B_out[idx[live]] = B[live]
+    return B_out, SolveInfo(newton, 0, int(converged.sum()), P)
+

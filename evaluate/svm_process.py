@@ -1,0 +1,18 @@
+"""Process-wide settings an SVM entry point makes once (the svm / lowshot evaluators' `run`, the SVM
+benchmark's solver process): torch's CPU threads, and for the torch solver on the CPU glibc's malloc
+keeping freed memory (evaluate/native.py `keep_freed_memory`)."""
+from __future__ import annotations
+
+import torch
+
+from mocobench.evaluate.native import keep_freed_memory
+from mocobench.evaluate.svm_solver import resolve_device
+
+
+def configure_svm_process(solver: str, device: str, threads: int) -> None:
+    """Set torch's intra-op threads when `threads` > 0 (0 keeps torch's default), and have malloc keep
+    freed memory when the torch solver will run on the CPU."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if solver == "torch" and resolve_device(device).type == "cpu":
+        keep_freed_memory()
