@@ -3,6 +3,7 @@ a short MoCo pretrain checkpoint and from a random init."""
 import math
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,6 +238,10 @@ def test_demo_end_to_end(checkpoints, which, tmp_path):
     for k in (20, 200):
         assert 0.0 <= rec["metrics"][f"k{k}/top1"] <= rec["metrics"][f"k{k}/top5"] <= 100.0
     assert (rec["checkpoint"] is not None) == (which == "pretrained")
+    if which == "pretrained":  # the record names the pretrain run that made the checkpoint, by its id
+        pretrain = read_metrics(Path(ckpt).parent / "metrics.json")
+        assert (rec["checkpoint"]["run_id"], rec["checkpoint"]["epoch"]) == (pretrain["run_id"], 1)
+        assert rec["run_id"] != pretrain["run_id"]
     modes = [("demo", ["top1", "top5", "avgpool/top1", "best_top1"])]
     if which == "pretrained":  # the other linear modes once (test time); they share the lincls code path
         assert main(["linear", "--config", "fast_demo", *common, "--out", str(tmp_path / "fast")]) == 0

@@ -12,7 +12,7 @@ from PIL import Image
 
 from mocobench.core.config import parse_config
 from mocobench.core.errors import ConfigError
-from mocobench.pretrain.train import NonFiniteLossError, PretrainConfig, latest_checkpoint, main, run
+from mocobench.pretrain.train import CONFIG_DIR, NonFiniteLossError, PretrainConfig, latest_checkpoint, main, run
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_config_yaml_flags_and_key_value_precedence(tmp_path):
 
 def test_shipped_v2_config_equals_official_flags():
     cfg, _ = parse_config(PretrainConfig, ["--config", "moco_v2"], "t", "t",
-                          search_dir=__import__("mocobench.pretrain.train").train.CONFIG_DIR)
+                          search_dir=CONFIG_DIR)
     v1 = PretrainConfig()
     assert (v1.lr, v1.batch_size, v1.epochs, v1.schedule, v1.weight_decay, v1.moco_t, v1.moco_m, v1.moco_k) == \
         (0.03, 256, 200, [120, 160], 1e-4, 0.07, 0.999, 65536)
