@@ -358,7 +358,7 @@ def test_smoke_recipe_family(recipe, smoke_root, tmp_path_factory, one_thread):
 def test_smoke_resume_and_eval_only(smoke_root, one_thread):
     out = _RUNS.get("voc07-c4")
     if out is None:
-        pytest.skip("needs the voc07-c4 smoke run of this session")
+        pytest.skip("needs the voc07-c4 smoke run made earlier in this test run")
 
     def trained_iterations():  # detectron2's own event log: one line per logged training step
         lines = (out / "detectron2" / "metrics.json").read_text().splitlines()
