@@ -86,7 +86,7 @@ def inspect_main(argv: list[str]) -> int:
             ckpt = load_backbone(args.checkpoint, trust=args.trust)
     except CheckpointError as e:
         print(f"mocobench inspect: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if args.json:
         print(json.dumps(_summary(ckpt), indent=2, default=str))
     else:
@@ -112,7 +112,7 @@ def convert_main(argv: list[str]) -> int:
         ckpt = convert(args.input, args.to, args.output, trust=args.trust)
     except CheckpointError as e:
         print(f"mocobench convert: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     written = len(ckpt.state_dict) + (len(ckpt.head) if args.to != "torchvision" else 0)
     print(f"{ckpt.source} ({ckpt.format}, {ckpt.arch} width {ckpt.width}, epoch "
           f"{ckpt.epoch if ckpt.epoch is not None else 'unknown'}) -> {args.output} ({args.to}, {written} tensors)")

@@ -13,7 +13,7 @@ from torch import nn
 from mocobench.checkpoints.canonical import LoadedCheckpoint
 from mocobench.checkpoints.formats import load_backbone
 from mocobench.checkpoints.random_init import parse_random_spec, random_model
-from mocobench.core.backbones import build_backbone
+from mocobench.core.backbones import SMALL_SUFFIX, build_backbone
 from mocobench.core.errors import CheckpointError
 
 
@@ -45,7 +45,8 @@ def model_from_checkpoint(path: str | Path, trust: bool = False, num_classes: in
     if spec is not None:
         return random_model(arch or spec[0], width or spec[1], num_classes or 1000)
     ckpt = load_backbone(path, trust=trust)
-    arch, width = arch or ckpt.arch, width or ckpt.width
+    arch = arch or ckpt.arch
+    width = width or (ckpt.width if arch.endswith(SMALL_SUFFIX) else 64)  # a width only small archs have
     state = dict(ckpt.state_dict)
     if ckpt.has_fc and num_classes is None:
         num_classes = int(state["fc.weight"].shape[0])

@@ -58,7 +58,7 @@ def _refusal(path: Path, names: list[str]) -> CheckpointError:
     return CheckpointError(
         f"{path}: refusing to load: the file needs {listed}, which safe (weights-only) loading does not "
         f"admit because unpickling it can run arbitrary code. Only if you trust where this file came from, "
-        f"pass {TRUST_FLAG} (trust=True).")
+        f"make a weights-only copy that every command reads: `mocobench convert --to moco {path} OUT {TRUST_FLAG}`.")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

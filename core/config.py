@@ -20,11 +20,36 @@ import yaml
 from mocobench.core.errors import ConfigError
 
 
-def option(default: Any, help_: str) -> Any:
-    """A dataclass field with help text for `--help`; list/dict defaults are copied per instance."""
+def option(default: Any, help_: str, *, at_least: float | None = None, above: float | None = None,
+           at_most: float | None = None, below: float | None = None) -> Any:
+    """A dataclass field with help text for `--help`; list/dict defaults are copied per instance.
+
+    The bounds (inclusive `at_least`/`at_most`, exclusive `above`/`below`) hold for a number and for every
+    number of a list; a value outside them is a ConfigError naming the key, checked before any work starts."""
+    bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most), ("below", below))
+              if v is not None}
+    metadata = {"help": help_, "bounds": bounds}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help_})
-    return dataclasses.field(default=default, metadata={"help": help_})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_BOUND_TEXT = {"at_least": ">=", "above": ">", "at_most": "<=", "below": "<"}
+_BOUND_OK = {"at_least": lambda x, b: x >= b, "above": lambda x, b: x > b,
+             "at_most": lambda x, b: x <= b, "below": lambda x, b: x < b}
+
+
+def bounds_text(bounds: dict) -> str:
+    """`{"at_least": 1}` -> ">= 1"; several bounds joined with " and "."""
+    return " and ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in bounds.items())
+
+
+def _check_bounds(key: str, value: Any, bounds: dict, source: str) -> None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for x in values:
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            if not all(_BOUND_OK[k](x, b) for k, b in bounds.items()):
+                raise ConfigError(f"config key {key!r} in {source}: expected a value {bounds_text(bounds)}, got {x!r}")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -70,7 +95,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
         try:
             out = typ(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"config key {key!r}: expected {typ.__name__}, got {value!r}") from None
         if typ is int and isinstance(value, float) and value != out:
             raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
@@ -91,7 +116,14 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any], source: str = "override
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r} in {source}{hint}; valid keys: {', '.join(types)}")
         clean[key] = _coerce(key, value, types[key])
+        bounds = _field_bounds(type(cfg)).get(key)
+        if bounds:
+            _check_bounds(key, clean[key], bounds, source)
     return dataclasses.replace(cfg, **clean)
+
+
+def _field_bounds(cls) -> dict[str, dict]:
+    return {f.name: f.metadata.get("bounds") for f in dataclasses.fields(cls) if f.metadata.get("bounds")}
 
 
 def load_yaml(path: str | Path, search_dir: Path | None = None) -> dict:
@@ -122,6 +154,8 @@ def build_parser(cls, prog: str, description: str, positionals: dict[str, str] |
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         doc = f.metadata.get("help", "")
+        if f.metadata.get("bounds"):
+            doc = f"{doc}; {bounds_text(f.metadata['bounds'])}"
         if types[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{doc} (default: {default})")

@@ -46,7 +46,9 @@ class RobustImageFolder(ImageFolder):
             if self.transform is not None:
                 img = self.transform(img)
             return img, label, i, tuple(skipped)
-        raise DataError(f"{self.MAX_SKIPS} unreadable images in a row starting at {self.samples[index][0]}")
+        names = ", ".join(str(p) for p in skipped[:3])
+        raise DataError(f"{len(skipped)} unreadable images in a row in {self.root} ({names} and "
+                        f"{len(skipped) - 3} more); expected readable image files (JPEG, PNG, ...)")
 
 
 def collate_with_skips(batch):

@@ -14,7 +14,7 @@ from mocobench.core.records import now_iso
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
 from mocobench.evaluate.layers import check_layer
-from mocobench.evaluate.report import report
+from mocobench.evaluate.report import claim_out, report
 
 
 @dataclass
@@ -38,6 +38,9 @@ def run(cfg: ExtractConfig) -> dict:
     check_layer(cfg.layer)
     if cfg.features:
         raise ConfigError("extract makes a features file; --features is for the evaluators that read one")
+    held = claim_out(cfg, "extract")
+    if held.finished is not None:
+        return held.finished["metrics"]
     path = resolve_features(cfg)
     fs = load_features(path)
     out = link_or_copy(path, Path(cfg.out) / "features.npz")
@@ -48,5 +51,5 @@ def run(cfg: ExtractConfig) -> dict:
                "details": {"cache": str(path), "features": str(out), "extracted_at": meta.get("created")}}
     report(cfg, "extract", metrics, start,
            f"features: {out} ({metrics['n_train']} train + {metrics['n_test']} test, {metrics['dim']}-d)",
-           meta.get("checkpoint_key"))
+           meta.get("checkpoint_key"), held.run_id)
     return metrics

@@ -102,14 +102,15 @@ class FeatureSourceConfig:
     layer: str = option("avgpool", f"feature layer: {', '.join(FEATURE_LAYERS)}")
     train_split: str = option("", "train split (default: train for imagefolder, trainval for voc)")
     test_split: str = option("", "test split (default: val for imagefolder, test for voc)")
-    resize: int = option(256, "Resize (shorter side) before the center crop")
-    crop: int = option(224, "CenterCrop size")
-    batch_size: int = option(256, "extraction batch size")
-    workers: int = option(4, "data loader workers")
+    resize: int = option(256, "Resize (shorter side) before the center crop", at_least=8)
+    crop: int = option(224, "CenterCrop size", at_least=8)
+    batch_size: int = option(256, "extraction batch size", at_least=1)
+    workers: int = option(4, "data loader workers", at_least=0)
     amp: bool = option(False, "bf16 autocast extraction (fast path, not the reference fp32 protocol)")
     seed: int = option(0, "random seed (initialises random:ARCH baselines)")
     cache_dir: str = option("", f"feature cache directory (default $MOCOBENCH_CACHE/features or {DEFAULT_CACHE})")
     refresh: bool = option(False, "re-extract even when cached")
+    force: bool = option(False, "start afresh when --out holds another run: move the old folder aside to OUT.replaced-<time>")
 
 
 def dataset_name(data: str, kind: str, train_split: str, test_split: str) -> str:

@@ -11,7 +11,7 @@ neighbours of every test point are kept.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from mocobench.core.errors import ConfigError, FeatureFileError
 from mocobench.core.records import now_iso
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
-from mocobench.evaluate.report import report
+from mocobench.evaluate.report import claim_out, report
 
 
 @torch.no_grad()
@@ -82,15 +82,18 @@ def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
 class KNNConfig(FeatureSourceConfig):
     """Weighted kNN on cached features (layer avgpool by default)."""
     out: str = option("runs/knn", "run directory for metrics.json")
-    ks: list[int] = field(default_factory=lambda: [20, 200], metadata={"help": "numbers of neighbours"})
-    temperature: float = option(0.07, "vote weight exp(similarity / T)")
-    chunk: int = option(8192, "train rows per similarity block")
+    ks: list[int] = option([20, 200], "numbers of neighbours", at_least=1)
+    temperature: float = option(0.07, "vote weight exp(similarity / T)", above=0)
+    chunk: int = option(8192, "train rows per similarity block", at_least=1)
 
 
 def run(cfg: KNNConfig) -> dict:
     start = now_iso()
     if not cfg.ks or min(cfg.ks) < 1:
         raise ConfigError(f"ks must be positive integers, got {cfg.ks}")
+    held = claim_out(cfg, "knn")
+    if held.finished is not None:
+        return held.finished["metrics"]
     path = resolve_features(cfg)
     fs = load_features(path)
     metrics = knn_accuracy(fs.train_feats, fs.train_labels, fs.test_feats, fs.test_labels, cfg.ks,
@@ -100,5 +103,5 @@ def run(cfg: KNNConfig) -> dict:
                           "dim": int(fs.train_feats.shape[1]),
                           **({"capped_k": f"k > {len(fs.train_feats)} train samples used all of them"} if capped else {})}
     summary = "knn: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "details")
-    report(cfg, "knn", metrics, start, summary, fs.meta.get("checkpoint_key"))
+    report(cfg, "knn", metrics, start, summary, fs.meta.get("checkpoint_key"), held.run_id)
     return metrics

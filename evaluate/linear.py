@@ -40,12 +40,13 @@ from mocobench.core.atomic import atomic_save
 from mocobench.core.config import option, to_dict
 from mocobench.core.errors import ConfigError, FeatureFileError
 from mocobench.core.records import now_iso
+from mocobench.core.run_folder import Claim
 from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from mocobench.evaluate import datasets
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
 from mocobench.evaluate.layers import LayerFeatures, check_layer, load_frozen_backbone
-from mocobench.evaluate.report import check_checkpoint, report
+from mocobench.evaluate.report import check_checkpoint, claim_out, report
 
 MODES = ("lincls", "multihead", "fast")
 PROTOCOLS = {
@@ -66,20 +67,20 @@ class LinearConfig(FeatureSourceConfig):
     mode: str = option("lincls", "lincls (main_lincls.py) | multihead (MMSelfSup feature1..5) | fast (cached features, proxy)")
     layers: list[str] = field(default_factory=lambda: list(MULTIHEAD_LAYERS),
                               metadata={"help": "multihead: layers with a head (feature1..feature5, avgpool)"})
-    batch_size: int = option(256, "global batch size over all ranks")
-    epochs: Optional[int] = option(None, "epochs (lincls/fast 100, multihead 90)")
-    lr: Optional[float] = option(None, "learning rate (lincls/fast 30, multihead 0.01)")
-    schedule: Optional[list[int]] = option(None, "epochs where lr drops x0.1 (lincls/fast [60, 80], multihead [30, 60, 90])")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: Optional[float] = option(None, "weight decay (lincls/fast 0, multihead 1e-4)")
+    batch_size: int = option(256, "global batch size over all ranks", at_least=1)
+    epochs: Optional[int] = option(None, "epochs (lincls/fast 100, multihead 90)", at_least=1)
+    lr: Optional[float] = option(None, "learning rate (lincls/fast 30, multihead 0.01)", above=0)
+    schedule: Optional[list[int]] = option(None, "epochs where lr drops x0.1 (lincls/fast [60, 80], multihead [30, 60, 90])", at_least=0)
+    momentum: float = option(0.9, "SGD momentum", at_least=0, below=1)
+    weight_decay: Optional[float] = option(None, "weight decay (lincls/fast 0, multihead 1e-4)", at_least=0)
     nesterov: Optional[bool] = option(None, "Nesterov momentum: true/false (multihead true)")
-    jitter: Optional[float] = option(None, "train ColorJitter strength, 0 = off (multihead 0.4)")
-    lighting: Optional[float] = option(None, "train PCA lighting alphastd, 0 = off (multihead 0.1)")
-    image_size: int = option(224, "train RandomResizedCrop size")
-    workers: int = option(8, "data loader workers per rank")
-    eval_freq: int = option(1, "validate every N epochs (and after the last)")
-    steps_per_epoch: int = option(0, "cap on train steps per epoch (0 = full epoch); for smoke tests")
-    print_freq: int = option(50, "log every N steps")
+    jitter: Optional[float] = option(None, "train ColorJitter strength, 0 = off (multihead 0.4)", at_least=0, at_most=1)
+    lighting: Optional[float] = option(None, "train PCA lighting alphastd, 0 = off (multihead 0.1)", at_least=0)
+    image_size: int = option(224, "train RandomResizedCrop size", at_least=8)
+    workers: int = option(8, "data loader workers per rank", at_least=0)
+    eval_freq: int = option(1, "validate every N epochs (and after the last)", at_least=1)
+    steps_per_epoch: int = option(0, "cap on train steps per epoch (0 = full epoch); for smoke tests", at_least=0)
+    print_freq: int = option(50, "log every N steps", at_least=1)
     resume: str = option("auto", "'auto' = resume from OUT/linear_checkpoint.pth.tar if present, '' = fresh")
     dist_backend: str = option("auto", "nccl on GPU, gloo on CPU")
 
@@ -246,7 +247,7 @@ def _loaders(cfg: LinearConfig, device: torch.device):
     return train_ds, train_loader, sampler, val_loader
 
 
-def run_images(cfg: LinearConfig) -> dict:
+def run_images(cfg: LinearConfig, held: Claim) -> dict:
     """lincls / multihead: train linear heads on the frozen backbone from images."""
     start = now_iso()
     device = dist.init_from_env(cfg.dist_backend)
@@ -328,7 +329,7 @@ def run_images(cfg: LinearConfig) -> dict:
     metrics["details"] = {"history": history, "best": best, "backbone_unchanged": True}
     if main_rank:
         report(cfg, BENCHMARK[cfg.mode], metrics, start,
-               f"linear ({cfg.mode}): " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+               f"linear ({cfg.mode}): " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()), run_id=held.run_id)
     return metrics
 
 
@@ -371,7 +372,7 @@ def accuracy_on_features(head: nn.Linear, feats: np.ndarray, labels: np.ndarray,
     return {"top1": (100 * counts[0] / len(feats)).item(), "top5": (100 * counts[1] / len(feats)).item()}
 
 
-def run_fast(cfg: LinearConfig) -> dict:
+def run_fast(cfg: LinearConfig, held: Claim) -> dict:
     """The fast proxy: the lincls recipe on cached center-crop features (single process)."""
     start = now_iso()
     path = resolve_features(cfg)
@@ -387,7 +388,7 @@ def run_fast(cfg: LinearConfig) -> dict:
                "details": {"features": str(path), "proxy": "fast mode: cached center-crop features, no augmentation; "
                            "not the main_lincls.py protocol"}}
     summary = f"linear (fast, proxy): top1 {acc['top1']:.2f} top5 {acc['top5']:.2f} on {path}"
-    report(cfg, BENCHMARK[cfg.mode], metrics, start, summary, fs.meta.get("checkpoint_key"))
+    report(cfg, BENCHMARK[cfg.mode], metrics, start, summary, fs.meta.get("checkpoint_key"), held.run_id)
     return metrics
 
 
@@ -397,13 +398,15 @@ def run(cfg: LinearConfig) -> dict:
         check_layer(layer)
     if "voc_svm" in cfg.layers and cfg.mode == "multihead":
         raise ConfigError("multihead layers are feature1..feature5 and avgpool; voc_svm is the SVM feature")
-    if cfg.mode == "fast":
-        return run_fast(cfg)
-    if cfg.features:
-        raise ConfigError("--features is only used by --mode fast; lincls/multihead train on images")
-    if not cfg.checkpoint:
-        raise ConfigError("give --checkpoint (a checkpoint path or random:ARCH[:WIDTH])")
-    check_checkpoint(cfg.checkpoint)
-    if cfg.dataset != "imagefolder":
-        raise ConfigError("linear evaluation reads an ImageFolder dataset (--dataset imagefolder)")
-    return run_images(cfg)
+    if cfg.mode != "fast":
+        if cfg.features:
+            raise ConfigError("--features is only used by --mode fast; lincls/multihead train on images")
+        if not cfg.checkpoint:
+            raise ConfigError("give --checkpoint (a checkpoint path or random:ARCH[:WIDTH])")
+        check_checkpoint(cfg.checkpoint)
+        if cfg.dataset != "imagefolder":
+            raise ConfigError("linear evaluation reads an ImageFolder dataset (--dataset imagefolder)")
+    held = claim_out(cfg, BENCHMARK[cfg.mode])
+    if held.finished is not None:
+        return held.finished["metrics"]
+    return run_fast(cfg, held) if cfg.mode == "fast" else run_images(cfg, held)

@@ -36,7 +36,7 @@ from mocobench.core.records import now_iso
 from mocobench.evaluate.ap import voc_ap
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features, write_npz
-from mocobench.evaluate.report import peak_rss_mb, report
+from mocobench.evaluate.report import claim_out, peak_rss_mb, report
 from mocobench.evaluate.svm import SVMSolverOptions, as_multilabel, class_names_of, solver_details
 from mocobench.evaluate.svm_process import configure_svm_process
 
@@ -49,8 +49,8 @@ class LowShotConfig(SVMSolverOptions, FeatureSourceConfig):
     dataset: str = option("voc", "dataset layout: voc (VOC2007 devkit) or imagefolder")
     layer: str = option("voc_svm", "feature layer (VOC07 protocol: voc_svm = res5 AvgPool(6, stride 1))")
     out: str = option("runs/lowshot", "run directory for metrics.json and lowshot_samples.npz")
-    k_values: list[int] = option(None, f"positives per class (default {list(K_VALUES)})")
-    samples: int = option(5, "independent samples per k")
+    k_values: list[int] = option(None, f"positives per class (default {list(K_VALUES)})", at_least=1)
+    samples: int = option(5, "independent samples per k", at_least=1)
     sample_seed: int = option(0, "seed of the low-shot draws (same seed -> same samples)")
     selection: str = option("test", "cost choice: test (published: best mean test mAP) or val (held-out trainval)")
 
@@ -185,6 +185,9 @@ def run(cfg: LowShotConfig) -> dict:
     configure_svm_process(cfg.solver, cfg.device, cfg.threads)
     if cfg.samples < 1 or not cfg.k_values or min(cfg.k_values) < 1:
         raise ConfigError(f"need samples >= 1 and positive k_values, got samples={cfg.samples}, k_values={cfg.k_values}")
+    held = claim_out(cfg, "lowshot")
+    if held.finished is not None:
+        return held.finished["metrics"]
     path = resolve_features(cfg)
     fs = load_features(path)
     num_classes = fs.train_labels.shape[1] if fs.multilabel else int(max(fs.train_labels.max(), fs.test_labels.max())) + 1
@@ -206,5 +209,5 @@ def run(cfg: LowShotConfig) -> dict:
         "samples_file": str(samples_path), "seconds": res.seconds, "peak_rss_mb": rss, "solver": res.solver}
     line = ("lowshot: " + ", ".join(f"k{k} {row['mean']:.2f}±{row['std']:.2f}" for k, row in summary.items())
             + f" ({cfg.selection}-selected cost, {res.seconds:.1f}s, peak RSS {rss:.0f} MiB)")
-    report(cfg, "lowshot", metrics, start, line, fs.meta.get("checkpoint_key"))
+    report(cfg, "lowshot", metrics, start, line, fs.meta.get("checkpoint_key"), held.run_id)
     return metrics

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mocobench.core.config import parse_config
-from mocobench.core.errors import USER_ERRORS
+from mocobench.core.errors import USER_ERRORS, debug_enabled, one_line
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
@@ -81,6 +81,8 @@ def run_evaluator(name: str, argv: list[str]) -> int:
         cfg, _ = parse_config(config_cls, argv, ev.prog, ev.description, search_dir=ev.config_dir)
         run(cfg)
     except USER_ERRORS as e:
-        print(f"{ev.prog}: error: {e}", file=sys.stderr)
+        if debug_enabled():
+            raise
+        print(f"{ev.prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

@@ -1,9 +1,11 @@
-"""What every evaluator checks and reports: the `--checkpoint` argument (a file or a random:ARCH[:WIDTH]
+"""What every evaluator checks and reports: `claim_out`, the shared beginning that claims `--out` for this
+run before any work (core/run_folder.py), the `--checkpoint` argument (a file or a random:ARCH[:WIDTH]
 spec), peak memory, and `report`, the shared ending that writes OUT/metrics.json (core/records.py schema)
 and prints the result line with the path of that file.
 """
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -12,6 +14,20 @@ from mocobench.checkpoints.random_init import parse_random_spec
 from mocobench.core.config import to_dict
 from mocobench.core.errors import CheckpointError
 from mocobench.core.records import write_metrics
+from mocobench.core.run_folder import Claim, claim
+
+
+def claim_out(cfg, benchmark: str) -> Claim:
+    """Claim `cfg.out` for this evaluation (resume, refuse or --force: core/run_folder.py); rank 0 writes the
+    claim, other ranks only check. A finished run with the same config is reported and left as it is."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    held = claim(cfg.out, stage="eval", benchmark=benchmark, config=to_dict(cfg), force=cfg.force, write=main)
+    if main and held.replaced is not None:
+        print(f"{benchmark}: moved the old run in {cfg.out} aside to {held.replaced}", flush=True)
+    if main and held.finished is not None:
+        print(f"{benchmark}: already done with this config -> {Path(cfg.out) / 'metrics.json'}; nothing to do "
+              "(--force runs it again)", flush=True)
+    return held
 
 
 def check_checkpoint(checkpoint: str | Path) -> bool:
@@ -28,14 +44,16 @@ def peak_rss_mb() -> dict[str, float]:
             "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale}
 
 
-def report(cfg, benchmark: str, metrics: dict, start: str, summary: str, checkpoint_md5: str | None = None) -> Path:
+def report(cfg, benchmark: str, metrics: dict, start: str, summary: str, checkpoint_md5: str | None = None,
+           run_id: str | None = None) -> Path:
     """Write `cfg.out`/metrics.json for an evaluator run and print `summary -> <that path>`.
 
     The record names `cfg.checkpoint` when it is a file (with `checkpoint_md5` when the caller knows it,
     e.g. the feature cache key, else the file's md5); a random:ARCH spec or a run on a features file alone
-    records no checkpoint. Returns the path of metrics.json."""
+    records no checkpoint. `run_id`: the run's claim (`claim_out`). Returns the path of metrics.json."""
     ckpt = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
     path = write_metrics(cfg.out, stage="eval", benchmark=benchmark, metrics=metrics, config=to_dict(cfg),
-                         start=start, checkpoint=ckpt, checkpoint_md5=checkpoint_md5 if ckpt else None)
+                         start=start, checkpoint=ckpt, checkpoint_md5=checkpoint_md5 if ckpt else None,
+                         run_id=run_id)
     print(f"{summary} -> {path}", flush=True)
     return path

@@ -50,7 +50,7 @@ from mocobench.core.records import now_iso
 from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from mocobench.evaluate import datasets
 from mocobench.evaluate.linear import topk_correct
-from mocobench.evaluate.report import check_checkpoint, report
+from mocobench.evaluate.report import check_checkpoint, claim_out, report
 
 WEIGHT_DECAY = {"1pct": 5e-4, "10pct": 1e-4}  # MMSelfSup imagenet_1percent / imagenet_10percent configs
 
@@ -65,24 +65,25 @@ class SemisupConfig:
     subset_list: str = option("", "SimCLR list file (1percent.txt / 10percent.txt); empty = make the subset from the data")
     train_split: str = option("train", "split the subset is taken from")
     val_split: str = option("val", "evaluation split")
-    epochs: int = option(20, "epochs per grid cell")
-    batch_size: int = option(256, "global batch size over all ranks")
-    lrs: list[float] = option(None, "backbone learning rates of the grid (default [0.1, 0.01, 0.001])")
-    head_mults: list[float] = option(None, "fc lr multipliers of the grid (default [1, 10, 100])")
-    schedule: list[int] = option(None, "epochs where lr drops (default [12, 16])")
-    gamma: float = option(0.2, "lr factor at each schedule step")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: Optional[float] = option(None, "weight decay (default 5e-4 for 1pct, 1e-4 for 10pct)")
-    image_size: int = option(224, "train RandomResizedCrop size")
-    resize: int = option(256, "val Resize (shorter side)")
-    crop: int = option(224, "val CenterCrop size")
-    workers: int = option(8, "data loader workers per rank")
+    epochs: int = option(20, "epochs per grid cell", at_least=1)
+    batch_size: int = option(256, "global batch size over all ranks", at_least=1)
+    lrs: list[float] = option(None, "backbone learning rates of the grid (default [0.1, 0.01, 0.001])", above=0)
+    head_mults: list[float] = option(None, "fc lr multipliers of the grid (default [1, 10, 100])", above=0)
+    schedule: list[int] = option(None, "epochs where lr drops (default [12, 16])", at_least=0)
+    gamma: float = option(0.2, "lr factor at each schedule step", above=0)
+    momentum: float = option(0.9, "SGD momentum", at_least=0, below=1)
+    weight_decay: Optional[float] = option(None, "weight decay (default 5e-4 for 1pct, 1e-4 for 10pct)", at_least=0)
+    image_size: int = option(224, "train RandomResizedCrop size", at_least=8)
+    resize: int = option(256, "val Resize (shorter side)", at_least=8)
+    crop: int = option(224, "val CenterCrop size", at_least=8)
+    workers: int = option(8, "data loader workers per rank", at_least=0)
     amp: bool = option(False, "bf16/fp16 autocast + channels_last (fast path; the reference is fp32)")
     seed: int = option(0, "seed of the subset (when made from the data), fc init and data order")
-    steps_per_epoch: int = option(0, "cap on train steps per epoch (0 = full epoch); for smoke tests")
-    print_freq: int = option(20, "log every N steps")
+    steps_per_epoch: int = option(0, "cap on train steps per epoch (0 = full epoch); for smoke tests", at_least=0)
+    print_freq: int = option(20, "log every N steps", at_least=1)
     resume: bool = option(True, "reuse finished cells and the running cell's checkpoint in OUT")
     dist_backend: str = option("auto", "nccl on GPU, gloo on CPU")
+    force: bool = option(False, "start afresh when --out holds another run: move the old folder aside to OUT.replaced-<time>")
 
     def __post_init__(self):
         self.lrs = [0.1, 0.01, 0.001] if self.lrs is None else self.lrs
@@ -257,6 +258,9 @@ def run(cfg: SemisupConfig) -> dict:
     start = now_iso()
     cfg = resolve(cfg)
     check_checkpoint(cfg.checkpoint)
+    held = claim_out(cfg, "semisup")
+    if held.finished is not None:
+        return held.finished["metrics"]
     device = dist.init_from_env(cfg.dist_backend)
     labelled, val = build_datasets(cfg)
     out = Path(cfg.out)
@@ -288,5 +292,5 @@ def run(cfg: SemisupConfig) -> dict:
                            "subset_source": cfg.subset_list or f"made from the data (seed {cfg.seed})"}
     if main_rank:
         report(cfg, "semisup", metrics, start, f"semisup: best {metrics['details']['best_cell']}: "
-               f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}")
+               f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", run_id=held.run_id)
     return metrics

@@ -32,7 +32,7 @@ from mocobench.core.records import now_iso
 from mocobench.evaluate.ap import step_ap, voc_ap
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
-from mocobench.evaluate.report import peak_rss_mb, report
+from mocobench.evaluate.report import claim_out, peak_rss_mb, report
 from mocobench.evaluate.svm_problem import l2_normalize
 from mocobench.evaluate.svm_process import configure_svm_process
 from mocobench.evaluate.svm_reference import SKLEARN_MAX_ITER
@@ -44,14 +44,14 @@ VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
 @dataclass
 class SVMSolverOptions:
     """Options shared by the SVM protocols (full VOC07 and low-shot)."""
-    costs: list[float] = option(None, f"SVM costs C (default VISSL's {list(VISSL_COSTS)})")
+    costs: list[float] = option(None, f"SVM costs C (default VISSL's {list(VISSL_COSTS)})", above=0)
     solver: str = option("torch", "torch (batched Newton solver) or sklearn (LinearSVC, the reference)")
     device: str = option("auto", "torch solver device: auto (cuda if available), cpu, cuda or cuda:N")
     precision: str = option("float64", "torch solver precision: float64, or mixed (float32 inner CG solves; faster on GPUs)")
-    tol: float = option(1e-6, "torch solver stopping rule: |gradient| <= tol * |gradient at w=0|")
-    n_jobs: int = option(1, "sklearn solver: LinearSVC fits run in parallel threads")
-    max_iter: int = option(SKLEARN_MAX_ITER, "sklearn solver: liblinear max_iter (VISSL: 2000)")
-    threads: int = option(0, "torch CPU threads (0 = torch's default)")
+    tol: float = option(1e-6, "torch solver stopping rule: |gradient| <= tol * |gradient at w=0|", above=0)
+    n_jobs: int = option(1, "sklearn solver: LinearSVC fits run in parallel threads", at_least=1)
+    max_iter: int = option(SKLEARN_MAX_ITER, "sklearn solver: liblinear max_iter (VISSL: 2000)", at_least=1)
+    threads: int = option(0, "torch CPU threads (0 = torch's default)", at_least=0)
     normalize: bool = option(True, "L2-normalise features first (VISSL/MMSelfSup: yes)")
 
     def __post_init__(self):
@@ -81,7 +81,7 @@ class SVMConfig(SVMSolverOptions, FeatureSourceConfig):
     dataset: str = option("voc", "dataset layout: voc (VOC2007 devkit) or imagefolder")
     layer: str = option("voc_svm", "feature layer (VOC07 protocol: voc_svm = res5 AvgPool(6, stride 1))")
     out: str = option("runs/svm", "run directory for metrics.json")
-    folds: int = option(3, "cross-validation folds for the cost choice (stratified, no shuffle)")
+    folds: int = option(3, "cross-validation folds for the cost choice (stratified, no shuffle)", at_least=2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,6 +217,9 @@ def run(cfg: SVMConfig) -> dict:
     configure_svm_process(cfg.solver, cfg.device, cfg.threads)
     if cfg.folds < 2:
         raise ConfigError(f"folds must be >= 2, got {cfg.folds}")
+    held = claim_out(cfg, "svm")
+    if held.finished is not None:
+        return held.finished["metrics"]
     path = resolve_features(cfg)
     fs = load_features(path)
     num_classes = fs.train_labels.shape[1] if fs.multilabel else int(max(fs.train_labels.max(), fs.test_labels.max())) + 1
@@ -237,5 +240,5 @@ def run(cfg: SVMConfig) -> dict:
         "seconds": res.seconds, "peak_rss_mb": rss, "solver": res.solver}
     line = (f"svm: mAP {metrics['mAP']:.2f} over {num_classes} classes ({cfg.solver} solver, "
             f"{res.seconds['total']:.1f}s, peak RSS {rss:.0f} MiB)")
-    report(cfg, "svm", metrics, start, line, fs.meta.get("checkpoint_key"))
+    report(cfg, "svm", metrics, start, line, fs.meta.get("checkpoint_key"), held.run_id)
     return metrics

@@ -5,9 +5,11 @@ imported only when their command runs, so `mocobench --help` stays instant (no t
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from mocobench.core.commands import dispatch
+from mocobench.core.errors import DEBUG_ENV, USER_ERRORS, debug_enabled, one_line
 
 # name -> (module:function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,9 +27,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (a user error, or a file-system error naming its file) is one
+    `mocobench <command>: error: ...` line and exit code 2; `--debug` anywhere shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return dispatch(COMMANDS, argv, "mocobench", "command",
-                    "Run `mocobench <command> --help` for the options of one command.")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
+    prog = f"mocobench {argv[0]}" if argv else "mocobench"
+    try:
+        return dispatch(COMMANDS, argv, "mocobench", "command",
+                        "Run `mocobench <command> --help` for the options of one command; "
+                        "`--debug` shows tracebacks.")
+    except (*USER_ERRORS, OSError) as e:
+        if debug_enabled() or (isinstance(e, OSError) and not e.filename):
+            raise
+        what = one_line(e) if not isinstance(e, OSError) else f"{e.strerror or e}: {e.filename}"
+        print(f"{prog}: error: {what} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

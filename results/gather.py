@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mocobench.core.records import CHECKPOINT_RE, STAGE_FILE, read_metrics
+from mocobench.core.records import ATTEMPTS_FILE, CHECKPOINT_RE, STAGE_FILE, read_metrics
+from mocobench.core.run_folder import is_replaced
 from mocobench.results import published
 
 TIDY_COLUMNS = ["checkpoint", "variant", "benchmark", "metric", "trial", "value"]
@@ -78,6 +79,7 @@ class Gathered:
     root: Path
     pretrain_dirs: dict[str, list[Path]]      # variant -> pretrain run dirs (trial order), for curves
     warnings: list[str]
+    unfinished: list[dict] = field(default_factory=list)  # sweep stages without a result (`unfinished_stages`)
 
 
 def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -99,7 +101,45 @@ def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
 def find_metrics(root: str | Path) -> list[Path]:
     """Every metrics.json below `root`, sorted by path (detectron2's own log of the same name, inside a
     transfer run's `detectron2/` folder, is not one of ours)."""
-    return sorted(p for p in Path(root).rglob("metrics.json") if p.parent.name != "detectron2")
+    return sorted(p for p in Path(root).rglob("metrics.json")
+                  if p.parent.name != "detectron2" and not is_replaced(p.relative_to(root)))
+
+
+def _events(stage_dir: Path) -> list[dict]:
+    try:
+        lines = (stage_dir / ATTEMPTS_FILE).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return out
+
+
+def unfinished_stages(root: str | Path) -> list[dict]:
+    """Sweep stages below `root` (folders with a stage.json) that hold no metrics.json, with their state from
+    the stage's events: "failed" (and the error), "running or killed" (started, never ended), or "not run"
+    (never started: waiting, cancelled, or its upstream stage failed)."""
+    root = Path(root)
+    out = []
+    for info_path in sorted(root.rglob(STAGE_FILE)):
+        d = info_path.parent
+        if (d / "metrics.json").exists() or is_replaced(d.relative_to(root)):
+            continue
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            info = {}
+        events = [e for e in _events(d) if e.get("event") in ("start", "requeue", "failed", "done")]
+        last = events[-1] if events else {}
+        state = {"failed": "failed", "start": "running or killed", "requeue": "running or killed"}.get(
+            last.get("event"), "not run")
+        out.append({"stage": d.relative_to(root).as_posix(), "variant": info.get("variant"),
+                    "kind": info.get("stage"), "state": state, "error": last.get("error", "")})
+    return out
 
 
 def benchmark_name(stage: str, benchmark: str, config: dict) -> str:
@@ -307,7 +347,10 @@ def gather(root: str | Path, strict: bool = False, progress: bool = True) -> Gat
     pretrain_dirs: dict[str, list[Path]] = {}
     for i in sorted(pre, key=lambda j: (pre[j].variant, pre[j].trial)):
         pretrain_dirs.setdefault(pre[i].variant, []).append(records[i].path.parent)
-    return Gathered(frame=frame, root=root, pretrain_dirs=pretrain_dirs, warnings=notes)
+    unfinished = unfinished_stages(root)
+    for u in unfinished:
+        notes.append(f"{u['stage']}: {u['state']}" + (f" ({u['error']})" if u["error"] else "") + "; no result")
+    return Gathered(frame=frame, root=root, pretrain_dirs=pretrain_dirs, warnings=notes, unfinished=unfinished)
 
 
 def population_std(values) -> float:

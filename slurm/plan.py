@@ -1,12 +1,10 @@
 """Decide what a sweep does with each stage: reuse a finished result of the same config (hash), leave a
 queued/running job alone, (re-)run, or refuse to overwrite another config's outputs; `--force` re-runs
-and moves old stage dirs aside (`archive`), never deleting a result.
+and the sweep moves old stage dirs aside (core/run_folder.py `archive`), never deleting a result.
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from mocobench.slurm import jobs, state
@@ -58,13 +56,3 @@ def plan(stages: list[Stage], force: bool) -> dict[str, Action]:
             if a.what == "conflict" and "job " not in a.note:
                 actions[sid] = Action("run", "forced: " + a.note)
     return actions
-
-
-def archive(stage_dir: str) -> Path | None:
-    """Move a stage dir with old outputs aside (never delete results): DIR -> DIR.replaced-<time>."""
-    d = Path(stage_dir)
-    if not d.exists():
-        return None
-    dst = d.with_name(f"{d.name}.replaced-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(str(d), str(dst))
-    return dst

@@ -24,10 +24,11 @@ from pathlib import Path
 
 from mocobench.core.errors import ConfigError
 from mocobench.core.records import now_iso
+from mocobench.core.run_folder import archive
 from mocobench.slurm import spec as sp
 from mocobench.slurm import state, status
 from mocobench.slurm.local import run_local
-from mocobench.slurm.plan import Action, archive, plan
+from mocobench.slurm.plan import Action, plan
 from mocobench.slurm.stages import Stage, build_stages
 from mocobench.slurm.submit import pick_cluster, submit_slurm, submit_tables_job
 from mocobench.slurm.tables import gather_tables

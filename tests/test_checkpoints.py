@@ -459,9 +459,9 @@ def test_malicious_pickle_is_refused_and_never_executed(tmp_path, capsys, contai
     with pytest.raises(CheckpointError) as err:
         load_backbone(path)
     assert SYSTEM in str(err.value) and "--trust-checkpoint" in str(err.value) and str(path) in str(err.value)
-    assert mocobench(["inspect", str(path)]) == 1
+    assert mocobench(["inspect", str(path)]) == 2
     assert SYSTEM in capsys.readouterr().err
-    assert mocobench(["convert", "--to", "torchvision", str(path), str(tmp_path / "out.pth")]) == 1
+    assert mocobench(["convert", "--to", "torchvision", str(path), str(tmp_path / "out.pth")]) == 2
     assert not marker.exists() and not (tmp_path / "out.pth").exists()
 
 

@@ -158,16 +158,27 @@ def test_fast_mode_separates_separable_features(tmp_path):
     assert rec["config"]["lr"] == 30.0 and rec["config"]["schedule"] == [60, 80]  # resolved config recorded
 
 
-def test_lincls_resumes_and_refuses_a_foreign_checkpoint(tmp_path, capsys):
+def test_lincls_resumes_and_refuses_another_run(tmp_path, capsys, monkeypatch):
     folder = make_image_folder(tmp_path / "data", per_class=(4, 2))
     kw = dict(checkpoint="random:resnet18_small:8", data=str(folder), resize=20, crop=16, image_size=16,
-              batch_size=6, workers=0, lr=0.1, schedule=[], out=str(tmp_path / "run"))
-    linear.run(linear.LinearConfig(**kw, epochs=1))
-    metrics = linear.run(linear.LinearConfig(**kw, epochs=2))
+              batch_size=6, workers=0, lr=0.1, schedule=[], out=str(tmp_path / "run"), epochs=2)
+    real_lr_at = linear.lr_at
+
+    def killed_in_epoch_1(cfg, epoch):  # the process dies at the start of the second epoch
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_lr_at(cfg, epoch)
+    monkeypatch.setattr(linear, "lr_at", killed_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        linear.run(linear.LinearConfig(**kw))
+    monkeypatch.setattr(linear, "lr_at", real_lr_at)
+    metrics = linear.run(linear.LinearConfig(**kw))
     assert [h["epoch"] for h in metrics["details"]["history"]] == [1, 2]
     assert "resumed at epoch 1" in capsys.readouterr().out
-    with pytest.raises(linear.ConfigError, match=r"different linear run \(differs in \['mode'\]\)"):
-        linear.run(linear.LinearConfig(**kw, epochs=3, mode="multihead"))
+    with pytest.raises(linear.ConfigError, match=r"holds the eval linear run, not eval linear_multihead"):
+        linear.run(linear.LinearConfig(**kw, mode="multihead"))
+    with pytest.raises(linear.ConfigError, match=r"another config \(epochs 2 -> 3\)"):
+        linear.run(linear.LinearConfig(**kw | {"epochs": 3}))
 
 
 # --- DDP ----------------------------------------------------------------------------------------------------

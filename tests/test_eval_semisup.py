@@ -135,8 +135,11 @@ def test_demo_end_to_end(checkpoint, demo_data, which, tmp_path):
     assert (rec["checkpoint"] is not None) == (which == "pretrained")
     done = json.loads((out / "cells" / f"{cells[0]}.json").read_text())
     assert done == {"top1": m[f"grid/{cells[0]}/top1"], "top5": m[f"grid/{cells[0]}/top5"]}
-    # a second run in the same directory reuses the finished cells instead of training again
+    # a finished run is not run again; one killed before its record reuses the finished cells
     (out / "cells" / f"{cells[0]}.json").write_text(json.dumps({"top1": 100.0, "top5": 100.0}))
+    assert main(["semisup", *args]) == 0
+    assert read_metrics(out / "metrics.json")["metrics"]["top1"] == m["top1"]
+    (out / "metrics.json").unlink()
     assert main(["semisup", *args]) == 0
     assert read_metrics(out / "metrics.json")["metrics"]["top1"] == 100.0
 

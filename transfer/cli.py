@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mocobench.core.records import now_iso
+from mocobench.core.run_folder import RUN_INDEPENDENT, claim
 from mocobench.transfer.recipes import RECIPES
 
 INSTALL_HINT = "install it with: bash transfer/install_detectron2.sh .venv/bin/python (see docs/transfer.md)"
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-url", default="auto",
                    help="torch.distributed init URL; 'auto' = free local port (single machine only)")
     p.add_argument("--resume", action="store_true", help="resume from OUT/detectron2/last_checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="start afresh when --out holds another run: move the old folder aside to OUT.replaced-<time>")
     p.add_argument("--eval-only", action="store_true",
                    help="only evaluate (the last checkpoint in OUT/detectron2, else --weights)")
     p.add_argument("--smoke", action="store_true",
@@ -105,7 +108,8 @@ def prepare_weights(weights: str, out_dir: Path, trust: bool = False) -> tuple[s
 
 
 def prepare(args: argparse.Namespace):
-    """Check the inputs, convert the weights and register the datasets once; return the RunSpec.
+    """Check the inputs, claim --out, convert the weights and register the datasets once; return the RunSpec
+    (None when --out holds this run finished already).
 
     Every problem found here is a TransferError / DatasetLayoutError / ValueError with a message
     naming the bad input; errors during training itself propagate with their traceback.
@@ -129,14 +133,22 @@ def prepare(args: argparse.Namespace):
         raise TransferError(f"--num-gpus {args.num_gpus} but {_visible_gpus()} CUDA devices are visible")
     start = now_iso()
     out = args.out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    identity = {"recipe": args.recipe, "weights": args.weights, "data_root": str(args.data_root), "trial": args.trial,
+                "smoke": args.smoke, "opts": list(args.opts)}
+    # --resume / --eval-only continue or re-evaluate the detectron2 run in OUT (detectron2's own workflow,
+    # e.g. resume with a larger SOLVER.MAX_ITER): its overrides may change; the record keeps the final ones
+    continuing = args.resume or args.eval_only
+    held = claim(out, stage="transfer", benchmark=args.recipe, config=identity, force=args.force,
+                 write=args.machine_rank == 0, ignore=RUN_INDEPENDENT | ({"opts"} if continuing else set()))
+    if held.finished is not None and not continuing:
+        return None
     weights, source, model_opts = prepare_weights(args.weights, out, trust=args.trust_checkpoint)
     spec = RunSpec(recipe=args.recipe, out_dir=str(out), data_root=str(args.data_root.expanduser().resolve()),
                    start=start, weights=weights, weights_spec=args.weights, checkpoint=source["checkpoint"],
                    checkpoint_md5=source["checkpoint_md5"], weights_format=source["format"],
                    model_opts=model_opts, trial=args.trial,
                    smoke=args.smoke, resume=args.resume, eval_only=args.eval_only, num_gpus=args.num_gpus,
-                   opts=list(args.opts))
+                   opts=list(args.opts), run_id=held.run_id)
     try:
         cfg = build_cfg(spec)  # resolves the dataset names after --smoke and the opts
     except (KeyError, AssertionError) as e:  # yacs: unknown key / bad value type
@@ -152,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TransferError, FileNotFoundError, ValueError) as e:
         print(f"mocobench transfer: error: {e}", file=sys.stderr)
         return 2
+    if spec is None:
+        print(f"mocobench transfer: already done with these options -> {args.out / 'metrics.json'}; nothing to do "
+              "(--force runs it again)")
+        return 0
     from detectron2.engine import launch
 
     from mocobench.transfer.train import run

@@ -49,6 +49,7 @@ class RunSpec:
     num_gpus: int = 0
     opts: list[str] = field(default_factory=list)
     classes: list[str] | None = None     # filled by the launcher after registering datasets
+    run_id: str | None = None            # the run's claim on out_dir (core/run_folder.py)
 
     @property
     def detectron2_dir(self) -> str:
@@ -172,7 +173,7 @@ def run(spec: RunSpec) -> dict:
             logger.warning("non-finite metrics %s (no predictions, or no ground truth in that range)", bad)
         path = write_metrics(spec.out_dir, stage="transfer", benchmark=recipe.name, metrics=metrics,
                              config=_runner_config(spec, used), start=spec.start,
-                             checkpoint=spec.checkpoint, checkpoint_md5=spec.checkpoint_md5)
+                             checkpoint=spec.checkpoint, checkpoint_md5=spec.checkpoint_md5, run_id=spec.run_id)
         logger.info("wrote %s", path)
     comm.synchronize()
     return results
