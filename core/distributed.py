@@ -83,3 +83,10 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= world_size()
     return values
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values

@@ -12,8 +12,11 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +33,11 @@ from mocobench.core.atomic import atomic_save
 from mocobench.core.backbones import build_backbone
 from mocobench.core.config import option, parse_config, save_config, to_dict
 from mocobench.core.distributed import amp_dtype
-from mocobench.core.errors import ConfigError, DataError
+from mocobench.core.errors import USER_ERRORS, CheckpointError, ConfigError, DataError, debug_enabled, one_line
 from mocobench.core.imagefolder import RobustImageFolder, collate_with_skips
 from mocobench.core.images import decode_rgb
-from mocobench.core.records import CHECKPOINT_NAME, CHECKPOINT_RE, new_run_id, now_iso, write_metrics
+from mocobench.core.records import CHECKPOINT_NAME, CHECKPOINT_RE, now_iso, write_metrics
+from mocobench.core.run_folder import claim
 from mocobench.pretrain.augment import TwoCropsTransform, moco_augmentation
 from mocobench.pretrain.fast_augment import TensorMocoAugmentation
 from mocobench.pretrain.moco import MoCo
@@ -49,28 +53,28 @@ class PretrainConfig:
     data: str = option("demo", "dataset root with train/ in ImageFolder layout, or 'demo' for the embedded data")
     out: str = option("runs/pretrain", "run directory: checkpoints, logs, metrics, resolved config")
     arch: str = option("resnet50", "torchvision ResNet name, or <name>_small (3x3 stem, no max-pool)")
-    width: int = option(64, "first-stage channels of the *_small archs (64 = standard)")
-    epochs: int = option(200, "total epochs")
-    batch_size: int = option(256, "global batch size over all ranks")
-    lr: float = option(0.03, "initial learning rate (for the global batch)")
-    schedule: list[int] = option(None, "epochs at which lr drops x0.1 (step schedule)")
+    width: int = option(64, "first-stage channels of the *_small archs (64 = standard)", at_least=1)
+    epochs: int = option(200, "total epochs", at_least=1)
+    batch_size: int = option(256, "global batch size over all ranks", at_least=1)
+    lr: float = option(0.03, "initial learning rate (for the global batch)", above=0)
+    schedule: list[int] = option(None, "epochs at which lr drops x0.1 (step schedule)", at_least=0)
     cos: bool = option(False, "cosine lr schedule instead of steps")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(1e-4, "SGD weight decay")
-    moco_dim: int = option(128, "feature dimension")
-    moco_k: int = option(65536, "queue size (negative keys); divisible by the global batch")
-    moco_m: float = option(0.999, "key-encoder momentum")
-    moco_t: float = option(0.07, "softmax temperature")
+    momentum: float = option(0.9, "SGD momentum", at_least=0, below=1)
+    weight_decay: float = option(1e-4, "SGD weight decay", at_least=0)
+    moco_dim: int = option(128, "feature dimension", at_least=1)
+    moco_k: int = option(65536, "queue size (negative keys); divisible by the global batch", at_least=1)
+    moco_m: float = option(0.999, "key-encoder momentum", at_least=0, at_most=1)
+    moco_t: float = option(0.07, "softmax temperature", above=0)
     mlp: bool = option(False, "MoCo v2 MLP projection head")
     aug_plus: bool = option(False, "MoCo v2 augmentation (jitter p=0.8, blur)")
-    image_size: int = option(224, "crop size")
-    crop_min: float = option(0.2, "RandomResizedCrop minimum scale")
-    jitter: float = option(0.4, "ColorJitter brightness/contrast/saturation strength")
-    blur_sigma: list[float] = option(None, "Gaussian blur sigma range (aug+), default [0.1, 2.0]")
+    image_size: int = option(224, "crop size", at_least=8)
+    crop_min: float = option(0.2, "RandomResizedCrop minimum scale", above=0, at_most=1)
+    jitter: float = option(0.4, "ColorJitter brightness/contrast/saturation strength", at_least=0, at_most=1)
+    blur_sigma: list[float] = option(None, "Gaussian blur sigma range (aug+), default [0.1, 2.0]", above=0)
     shuffle_bn: bool = option(True, "ShuffleBN for the key encoder")
-    bn_groups: int = option(8, "BN groups per rank in single-process runs (emulated ShuffleBN); DDP uses 1 per rank")
+    bn_groups: int = option(8, "BN groups per rank in single-process runs (emulated ShuffleBN); DDP uses 1 per rank", at_least=1)
     mask_false_negatives: bool = option(False, "mask queued keys of the query's own image (small datasets)")
-    workers: int = option(4, "data loader workers per rank")
+    workers: int = option(4, "data loader workers per rank", at_least=0)
     loader: str = option("pil", "augmentation pipeline: pil (official torchvision/PIL) | tensor (pretrain/fast_augment.py)")
     seed: int = option(0, "random seed (fixed by default so runs resume exactly)")
     amp: Optional[bool] = option(None, "mixed precision true/false: bf16 autocast on CPU, bf16/fp16 AMP on GPU; "
@@ -78,13 +82,14 @@ class PretrainConfig:
     channels_last: Optional[bool] = option(None, "channels_last memory format true/false; unset = with amp, and on "
                                                  f"CPUs from {CPU_CHANNELS_LAST_MIN_SIZE} px (resolve_fast_path)")
     strict_data: bool = option(False, "make an unreadable image fatal instead of skipping it")
-    steps_per_epoch: int = option(0, "cap on steps per epoch (0 = full epoch); for smoke tests")
-    print_freq: int = option(10, "log every N steps")
-    save_freq: int = option(1, "checkpoint every N epochs (and always at the end)")
-    keep_checkpoints: int = option(0, "keep only the newest N checkpoints (0 = keep all, as official)")
-    stop_after: int = option(0, "return after this many epochs in this invocation (0 = all); rerun to resume")
+    steps_per_epoch: int = option(0, "cap on steps per epoch (0 = full epoch); for smoke tests", at_least=0)
+    print_freq: int = option(10, "log every N steps", at_least=1)
+    save_freq: int = option(1, "checkpoint every N epochs (and always at the end)", at_least=1)
+    keep_checkpoints: int = option(0, "keep only the newest N checkpoints (0 = keep all, as official)", at_least=0)
+    stop_after: int = option(0, "return after this many epochs in this invocation (0 = all); rerun to resume", at_least=0)
     resume: str = option("auto", "'auto' = latest checkpoint in out, '' = start fresh, or a checkpoint path")
     dist_backend: str = option("auto", "nccl on GPU, gloo on CPU")
+    force: bool = option(False, "start afresh when --out holds another run: move the old folder aside to OUT.replaced-<time>")
 
     def __post_init__(self):
         if self.schedule is None:
@@ -168,12 +173,16 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 def save_checkpoint(out: Path, model: MoCo, optimizer, epoch: int, cfg: PretrainConfig, step: int,
                     train_seconds: float = 0.0, keep: int = 0, rngs: list[dict] | None = None,
-                    run_id: str | None = None) -> Path:
+                    run_id: str | None = None, epoch_stats: list[float] | None = None,
+                    resume_step: int = 0) -> Path:
     """Official layout: epoch (epochs done), arch, state_dict with `module.` keys, optimizer; plus ours.
 
     `rngs`: every rank's RNG state (rank order) for a multi-rank run; `rng` is always rank 0's (this one's).
-    `run_id`: the run's identity, which every downstream metrics.json records (core/records.py)."""
-    state = {"epoch": epoch + 1, "arch": cfg.arch, "run_id": run_id,
+    `run_id`: the run's identity, which every downstream metrics.json records (core/records.py).
+    `epoch_stats`: the epoch's (loss sum, acc1 sum, count) so far. `resume_step` > 0: a checkpoint taken
+    inside `epoch` (on SIGTERM/SIGUSR1) after that many steps; the epoch's own checkpoint replaces it."""
+    state = {"epoch": epoch + (0 if resume_step else 1), "arch": cfg.arch, "run_id": run_id,
+             "resume_step": resume_step, "epoch_stats": list(epoch_stats or []),
              "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
              "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rngs[0] if rngs else rng_state(),
              **({"rng_per_rank": rngs} if rngs and len(rngs) > 1 else {}),
@@ -185,12 +194,19 @@ def save_checkpoint(out: Path, model: MoCo, optimizer, epoch: int, cfg: Pretrain
     return path
 
 
-def load_for_resume(path: Path, model: MoCo, optimizer) -> tuple[int, int, float, str | None]:
-    """Restore a run; returns (start_epoch, global_step, training seconds so far, run id)."""
+def load_for_resume(path: Path, model: MoCo, optimizer) -> dict:
+    """Restore a run from `path`; returns the checkpoint's bookkeeping (epoch, global_step, ...). A file that is
+    damaged or not a checkpoint of this model is a CheckpointError naming it."""
     ckpt = safe_load(path)
-    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    model.load_state_dict(state)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+        model.load_state_dict(state)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        int(ckpt["epoch"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a checkpoint of this MoCo model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); expected a `mocobench pretrain` "
+                              "checkpoint of the same arch and config") from None
     if "queue_ids" in ckpt:
         model.queue_ids.copy_(ckpt["queue_ids"])
     per_rank = ckpt.get("rng_per_rank") or []
@@ -198,8 +214,70 @@ def load_for_resume(path: Path, model: MoCo, optimizer) -> tuple[int, int, float
         set_rng_state(per_rank[dist.rank()])
     elif "rng" in ckpt:  # single-process run, or resumed with another world size
         set_rng_state(ckpt["rng"])
-    return (int(ckpt["epoch"]), int(ckpt.get("global_step", 0)), float(ckpt.get("train_seconds", 0.0)),
-            ckpt.get("run_id"))
+    return {k: ckpt.get(k) for k in ("epoch", "global_step", "train_seconds", "resume_step", "epoch_stats")}
+
+
+def resume_from(cfg: PretrainConfig, out: Path, model: MoCo, optimizer, warn) -> tuple[Path | None, dict]:
+    """Load the checkpoint to resume from: `cfg.resume` when a path is given, else (auto) the newest readable
+    checkpoint in `out`: a damaged newest one is skipped with a warning naming it. (None, {}) = fresh start."""
+    if not cfg.resume:
+        return None, {}
+    candidates = [Path(cfg.resume)] if cfg.resume != "auto" else list_checkpoints(out)[::-1]
+    for i, path in enumerate(candidates):
+        try:
+            return path, load_for_resume(path, model, optimizer)
+        except CheckpointError as e:
+            if cfg.resume != "auto" or i + 1 == len(candidates):
+                raise
+            warn(f"warning: cannot resume from {path.name}, trying {candidates[i + 1].name}: {one_line(e)}")
+    return None, {}
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 on a run outside Slurm: finish the step, write a checkpoint, exit (128 + signal).
+
+    Under submitit the job's own handlers stay (preemption requeues the job; runner.py). With several ranks the
+    request is agreed on by an all-reduce each step, so every rank stops after the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def __enter__(self) -> "StopRequest":
+        if "SUBMITIT_EXECUTOR" not in os.environ and threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, world: int) -> int:
+        """The signal number to stop for (0 = go on), the same on every rank."""
+        if world == 1:
+            return self.signum
+        return int(dist.all_reduce_max(torch.tensor(float(self.signum))).item())
+
+
+class SkipFirst(torch.utils.data.Sampler):
+    """The wrapped sampler, minus the first `skip` indices of its next epoch (a run resumed mid-epoch)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
 
 
 # --- the fast path ----------------------------------------------------------------------------------------
@@ -300,8 +378,15 @@ def run(cfg: PretrainConfig) -> dict:
     world, main_rank = dist.world_size(), dist.is_main()
     validate(cfg, world)
     cfg = resolve_fast_path(cfg, device)  # the resolved config records the choice
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    held = claim(cfg.out, stage="pretrain", benchmark="moco", config=to_dict(cfg), force=cfg.force, write=main_rank)
+    out, run_id = held.path, held.run_id
+    if held.replaced is not None and main_rank:
+        print(f"moved the old run in {out} aside to {held.replaced}", flush=True)
+    if held.finished is not None:
+        if main_rank:
+            print(f"pretrain already finished in {out} ({held.finished['metrics'].get('epochs')} epochs, "
+                  f"{out / 'metrics.json'}); nothing to do (--force trains again)", flush=True)
+        return held.finished["metrics"]
     start_time = now_iso()
     seed_everything(cfg.seed + dist.rank())
 
@@ -309,11 +394,10 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start_epoch, step, seconds_before, run_id = 0, 0, 0.0, None
-    resume = latest_checkpoint(out) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    if resume is not None:
-        start_epoch, step, seconds_before, run_id = load_for_resume(resume, model, optimizer)
-    run_id = run_id or new_run_id()
+    resume, restored = resume_from(cfg, out, model, optimizer,
+                                   lambda msg: print(msg, file=sys.stderr, flush=True) if main_rank else None)
+    start_epoch, step = int(restored.get("epoch") or 0), int(restored.get("global_step") or 0)
+    seconds_before, skip = float(restored.get("train_seconds") or 0.0), int(restored.get("resume_step") or 0)
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world > 1 else model)
 
@@ -326,8 +410,8 @@ def run(cfg: PretrainConfig) -> dict:
     per_rank = cfg.batch_size // world
     if len(dataset) < cfg.batch_size:
         raise DataError(f"{dataset.root}: {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
+    sampler = SkipFirst(torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=dist.rank(),
+                                                            shuffle=True, seed=cfg.seed, drop_last=True))
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          collate_fn=collate_with_skips, persistent_workers=False)
@@ -339,51 +423,76 @@ def run(cfg: PretrainConfig) -> dict:
         save_config(cfg, out / "config.yaml")
         log.line(f"MoCo pretrain: {cfg.arch} (width {cfg.width}) on {dataset.root}: {len(dataset)} images, "
                  f"{world} process(es) on {device}, batch {cfg.batch_size}, {steps} steps/epoch"
-                 + (f"; resumed from {resume} at epoch {start_epoch}" if resume else ""))
+                 + (f"; resumed from {resume} at epoch {start_epoch}" + (f" step {skip}" if skip else "")
+                    if resume else ""))
     bad_files: dict[str, None] = {}  # unique unreadable files, in order seen
     t_start = time.time()
-    epoch_loss = epoch_acc = float("nan")
+    stats = restored.get("epoch_stats") or []
+    epoch_loss, epoch_acc = (stats[0] / stats[2], stats[1] / stats[2]) if len(stats) == 3 and stats[2] else (
+        float("nan"), float("nan"))
     end_epoch = cfg.epochs if cfg.stop_after <= 0 else min(cfg.epochs, start_epoch + cfg.stop_after)
-    for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
-        lr = adjust_learning_rate(optimizer, epoch, cfg)
-        model.train()
-        sums = torch.zeros(3)  # loss, acc1, count
-        bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=None if main_rank else True, leave=False)
-        t_log, n_log = time.time(), 0
-        for i, (images, _, ids, skipped) in enumerate(itertools.islice(loader, steps)):
-            bad_files.update(dict.fromkeys(skipped))
-            im_q, im_k = (x.to(device, non_blocking=True) for x in images)
-            loss, acc1 = train_step(ddp, optimizer, scaler, im_q, im_k, ids.to(device), cfg)
-            if not torch.isfinite(loss):
-                last = latest_checkpoint(out)
-                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {i} (weights not "
-                                         f"updated); the last good checkpoint is {last or 'none (no epoch finished yet)'}"
-                                         "; lower --lr or try --no-amp")
-            step += 1
-            n = len(ids)
-            sums += torch.tensor([loss.item() * n, acc1.item() * n, n])
-            n_log += n * world
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc1=f"{acc1.item():.1f}")
-            if (i + 1) % cfg.print_freq == 0 or i + 1 == steps:
-                img_s = n_log / max(time.time() - t_log, 1e-9)
-                log.record(step=step, epoch=epoch, loss=loss.item(), acc1=acc1.item(), lr=lr, img_per_s=img_s)
-                log.line(f"epoch {epoch} [{i + 1}/{steps}] loss {loss.item():.4f} acc1 {acc1.item():.2f} "
-                         f"lr {lr:.4g} {img_s:.1f} img/s", bar)
-                t_log, n_log = time.time(), 0
-        bar.close()
-        sums = dist.all_reduce_mean(sums)
-        epoch_loss, epoch_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-        log.record(epoch=epoch, step=step, epoch_loss=epoch_loss, epoch_acc1=epoch_acc)
-        if bad_files:
-            log.line(f"warning: {len(bad_files)} unreadable image(s) skipped so far, e.g. {next(iter(bad_files))}")
-        if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs:
-            rngs = dist.all_gather_object(rng_state())  # every rank's, so a resume continues each exactly
-            if main_rank:
-                save_checkpoint(out, model, optimizer, epoch, cfg, step, seconds_before + time.time() - t_start,
-                                cfg.keep_checkpoints, rngs, run_id)
-        dist.barrier()
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, end_epoch):
+            sampler.set_epoch(epoch)
+            first = skip if epoch == start_epoch else 0
+            sampler.skip = first * per_rank
+            lr = adjust_learning_rate(optimizer, epoch, cfg)
+            model.train()
+            sums = torch.tensor(stats, dtype=torch.float64) if first and len(stats) == 3 else torch.zeros(3)
+            bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch}", disable=None if main_rank else True,
+                       leave=False)
+            t_log, n_log = time.time(), 0
+            for i, (images, _, ids, skipped) in enumerate(itertools.islice(loader, steps - first), start=first):
+                bad_files.update(dict.fromkeys(skipped))
+                im_q, im_k = (x.to(device, non_blocking=True) for x in images)
+                loss, acc1 = train_step(ddp, optimizer, scaler, im_q, im_k, ids.to(device), cfg)
+                if not torch.isfinite(loss):
+                    last = latest_checkpoint(out)
+                    raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {i} (weights not "
+                                             f"updated); the last good checkpoint is {last or 'none (no epoch finished yet)'}"
+                                             "; lower --lr or try --no-amp")
+                step += 1
+                n = len(ids)
+                sums += torch.tensor([loss.item() * n, acc1.item() * n, n], dtype=sums.dtype)
+                n_log += n * world
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc1=f"{acc1.item():.1f}")
+                if (i + 1) % cfg.print_freq == 0 or i + 1 == steps:
+                    img_s = n_log / max(time.time() - t_log, 1e-9)
+                    log.record(step=step, epoch=epoch, loss=loss.item(), acc1=acc1.item(), lr=lr, img_per_s=img_s)
+                    log.line(f"epoch {epoch} [{i + 1}/{steps}] loss {loss.item():.4f} acc1 {acc1.item():.2f} "
+                             f"lr {lr:.4g} {img_s:.1f} img/s", bar)
+                    t_log, n_log = time.time(), 0
+                signum = stop.requested(world)
+                if signum and i + 1 < steps:
+                    bar.close()
+                    rngs = dist.all_gather_object(rng_state())
+                    if main_rank:
+                        path = save_checkpoint(out, model, optimizer, epoch, cfg, step,
+                                               seconds_before + time.time() - t_start, 0, rngs, run_id,
+                                               sums.tolist(), resume_step=i + 1)
+                        log.line(f"stopped by {signal.Signals(signum).name} at epoch {epoch} step {i + 1}: {path}; "
+                                 "rerun the same command to resume from there")
+                    dist.barrier()
+                    log.close()
+                    raise Interrupted(signum)
+            bar.close()
+            sums = dist.all_reduce_mean(sums.float())
+            epoch_loss, epoch_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+            log.record(epoch=epoch, step=step, epoch_loss=epoch_loss, epoch_acc1=epoch_acc)
+            if bad_files:
+                log.line(f"warning: {len(bad_files)} unreadable image(s) skipped so far, e.g. {next(iter(bad_files))}")
+            signum = stop.requested(world)
+            if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs or signum:
+                rngs = dist.all_gather_object(rng_state())  # every rank's, so a resume continues each exactly
+                if main_rank:
+                    save_checkpoint(out, model, optimizer, epoch, cfg, step, seconds_before + time.time() - t_start,
+                                    cfg.keep_checkpoints, rngs, run_id, sums.tolist())
+            dist.barrier()
+            if signum and epoch + 1 < end_epoch:
+                log.line(f"stopped by {signal.Signals(signum).name} after epoch {epoch}; rerun to resume")
+                log.close()
+                raise Interrupted(signum)
 
     if end_epoch < cfg.epochs:  # paused on purpose: no metrics.json until the run is complete
         log.line(f"stopping after epoch {end_epoch - 1} as asked (stop_after={cfg.stop_after}); rerun to resume")
@@ -401,14 +510,26 @@ def run(cfg: PretrainConfig) -> dict:
     return metrics
 
 
+class Interrupted(Exception):
+    """The run stopped on a signal after writing a checkpoint; exit code 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, _ = parse_config(PretrainConfig, argv, "mocobench pretrain", __doc__.split("\n\n")[0],
                               search_dir=CONFIG_DIR)
         run(cfg)
-    except (ConfigError, DataError, NonFiniteLossError) as e:
-        print(f"mocobench pretrain: error: {e}", file=sys.stderr)
+    except Interrupted as e:
+        return 128 + e.signum
+    except (*USER_ERRORS, NonFiniteLossError) as e:
+        if debug_enabled():
+            raise
+        print(f"mocobench pretrain: error: {one_line(e)}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
     return 0
 
