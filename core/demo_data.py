@@ -54,6 +54,7 @@ JPEG_QUALITY = 90
 MIN_DET_SIDE = 14        # objects whose box is smaller than this (px) are marked difficult ...
 MIN_VISIBLE = 0.5        # ... and so are those with under half of their area visible (occluded/truncated)
 MANIFEST = "manifest.json"
+OWN_ENTRIES = frozenset({"imagefolder", "VOCdevkit", "coco", MANIFEST})  # everything a build writes at its root
 
 
 class DemoDataError(RuntimeError):
@@ -493,20 +494,27 @@ def ensure_demo_data(root: str | Path | None = None, force: bool = False, progre
     """Generate the demo dataset at `root` once and return its paths; later calls reuse it at once.
 
     root: default `$MOCOBENCH_DATA`, else `~/.cache/mocobench/demo-v1`. force: rebuild even if present.
-    progress: tqdm bar (default: when stderr is a terminal). A dir at `root` without a current manifest
-    (another version, or not ours) is refused unless force=True.
+    progress: tqdm bar (default: when stderr is a terminal). A dir at `root` holding a demo dataset of
+    another version is replaced only with force=True; one holding anything not built here (no manifest, or
+    files beside the dataset's own) is never touched.
     """
     root = Path(root).expanduser().absolute() if root is not None else default_root().absolute()
     if not force and _current(read_manifest(root)):
         return DemoData.at(root)
-    if root.exists() and not force and (not root.is_dir() or any(root.iterdir())):
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
         found = read_manifest(root)
-        if _current(found):  # another process installed it since the first look
+        if _current(found) and not force:  # another process installed it since the first look
             return DemoData.at(root)
-        what = (f"a demo dataset of version {found.get('version')} seed {found.get('seed')}" if found
-                else f"no {MANIFEST}")
-        raise DemoDataError(f"{root} exists but holds {what}; expected mocobench demo data v{VERSION} "
-                            f"(seed {SEED}). Remove it, pick another --root / $MOCOBENCH_DATA, or pass --force")
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in OWN_ENTRIES) if root.is_dir() else [root.name]
+        if found is None or foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise DemoDataError(f"{root} holds files that are not a mocobench demo dataset ({shown or 'no ' + MANIFEST})"
+                                f"; expected an empty or new directory: pick another --out / $MOCOBENCH_DATA "
+                                "(nothing was changed)")
+        if not force:
+            raise DemoDataError(f"{root} holds a demo dataset of version {found.get('version')} seed "
+                                f"{found.get('seed')}; expected v{VERSION} (seed {SEED}): pass --force to replace "
+                                "it, or pick another --out / $MOCOBENCH_DATA")
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -539,13 +547,14 @@ def _install(tmp: Path, root: Path, replace: bool) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mocobench data [--root DIR] [--force] [--verify]`."""
+    """`mocobench data [--out DIR] [--force] [--verify]`."""
     parser = argparse.ArgumentParser(
         prog="mocobench data", description="Generate the embedded synthetic demo dataset (10 shape classes) "
         "as ImageFolder, VOC2007 devkit and COCO json layouts, once, into a cache dir; print its paths.")
-    parser.add_argument("--root", default=None, help="dataset dir (default: $MOCOBENCH_DATA or "
-                        f"~/.cache/mocobench/demo-v{VERSION})")
-    parser.add_argument("--force", action="store_true", help="regenerate even if a finished dataset is there")
+    parser.add_argument("--out", "--root", dest="root", default=None, help="dataset dir (default: $MOCOBENCH_DATA "
+                        f"or ~/.cache/mocobench/demo-v{VERSION})")
+    parser.add_argument("--force", action="store_true", help="replace a demo dataset built here (another version, "
+                        "or damaged); a directory holding anything else is never touched")
     parser.add_argument("--verify", action="store_true", help="re-hash every file against manifest.json")
     args = parser.parse_args(argv)
     start = time.time()
@@ -555,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             verify(data.root)
     except DemoDataError as e:
         print(f"mocobench data: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     m = read_manifest(data.root)
     det = m["counts"]["detection"]
     print(f"demo data v{m['version']} at {data.root} ({m['files']} files, listing md5 {m['listing_md5'][:12]}, "

@@ -233,9 +233,18 @@ def test_install_race_keeps_the_first_copy(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(dd.DemoDataError, match=r"foreign.*--force"):
-        dd.ensure_demo_data(foreign)
+    for force in (False, True):  # --force replaces only a dataset built here, never foreign files
+        with pytest.raises(dd.DemoDataError, match=r"not a mocobench demo dataset \(notes.txt\).*nothing was changed"):
+            dd.ensure_demo_data(foreign, force=force)
+        assert (foreign / "notes.txt").read_text() == "mine"
+    (foreign / dd.MANIFEST).write_text(json.dumps({"version": dd.VERSION - 1, "seed": dd.SEED}))
+    with pytest.raises(dd.DemoDataError, match=r"not a mocobench demo dataset \(notes.txt\)"):
+        dd.ensure_demo_data(foreign, force=True)  # a manifest beside foreign files does not make them ours
     assert (foreign / "notes.txt").read_text() == "mine"
+    old = fake(tmp_path / "old", "old")
+    (old / dd.MANIFEST).write_text(json.dumps({"version": dd.VERSION - 1, "seed": dd.SEED}))
+    with pytest.raises(dd.DemoDataError, match=r"version \d+ .*pass --force to replace"):
+        dd.ensure_demo_data(old)
 
 
 def test_cli_prints_paths_and_verifies(demo_data, tmp_path, capsys):
@@ -244,8 +253,10 @@ def test_cli_prints_paths_and_verifies(demo_data, tmp_path, capsys):
     assert str(demo_data.voc) in out and str(demo_data.imagefolder) in out and "verified" in out
     assert "circle" in out
     (tmp_path / "x").write_text("x")
-    assert dd.main(["--root", str(tmp_path)]) == 1
-    assert "--force" in capsys.readouterr().err
+    assert dd.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a mocobench demo dataset (x)" in err and "--force" not in err and len(err.splitlines()) == 1
+    assert (tmp_path / "x").read_text() == "x"
 
 
 def test_dataset_finished_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
