@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE_FILE = "stage.json"  # the identity a sweep writes beside a stage's metrics.json
+ATTEMPTS_FILE = "attempts.jsonl"  # a sweep stage's events, one JSON line each: start, requeue, failed, done
 CHECKPOINT_NAME = "checkpoint_{epoch:04d}.pth.tar"  # the official MoCo name; epoch counted from 0
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
 SCHEMA_KEYS = ("stage", "benchmark", "checkpoint", "metrics", "config", "start", "end", "host", "git_sha")

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mocobench.core.run_folder import ensure_writable_dir
 from mocobench.results.gather import aggregate, gather
 
 
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: SWEEP_DIR/tables)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="write tables only")
     p.add_argument("--strict", action="store_true",
-                   help="fail on an unreadable metrics.json instead of skipping it with a warning")
+                   help="fail on an unreadable metrics.json instead of skipping it with a warning, and exit with "
+                        "status 1 when a sweep stage failed, is still running or never ran")
     return p
 
 
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else sweep / "tables"
     try:
         gathered = gather(sweep, strict=args.strict)
-    except (FileNotFoundError, ValueError) as e:
+        ensure_writable_dir(out)
+    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         print(f"mocobench results: error: {e}", file=sys.stderr)
         return 2
     for w in gathered.warnings:
@@ -62,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tables: {out / 'tables.md'}")
     for name, path in written.items():
         print(f"  {path}")
+    if gathered.unfinished:
+        counts = {}
+        for u in gathered.unfinished:
+            counts[u["state"]] = counts.get(u["state"], 0) + 1
+        print(f"mocobench results: warning: {len(gathered.unfinished)} stage(s) without a result ("
+              + ", ".join(f"{n} {s}" for s, n in counts.items()) + "); listed in tables.md" +
+              ("" if args.strict else "; --strict makes this an error"), file=sys.stderr)
+        return 1 if args.strict else 0
     return 0
 
 

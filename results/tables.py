@@ -362,6 +362,12 @@ def write_tables(gathered: Gathered, out_dir: str | Path) -> dict[str, Path]:
         written[f"{t.name}.md"] = out / f"{t.name}.md"
         written[f"{t.name}.csv"] = out / f"{t.name}.csv"
         sections.append(md)
+    if gathered.unfinished:
+        sections += ["### Stages without a result", "",
+                     "Their cells are missing from the tables above.", "",
+                     "| stage | variant | state | error |", "|---|---|---|---|"]
+        sections += [f"| {u['stage']} | {u['variant'] or ''} | **{u['state']}** | {u['error'].replace('|', '/')} |"
+                     for u in gathered.unfinished] + [""]
     if gathered.warnings:
         sections += ["### Warnings", ""] + [f"- {w}" for w in gathered.warnings] + [""]
     (out / "tables.md").write_text("\n".join(sections))

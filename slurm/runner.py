@@ -22,6 +22,7 @@ from pathlib import Path
 import submitit
 
 from mocobench.core.commands import dispatch
+from mocobench.core.errors import one_line
 from mocobench.slurm import state
 
 # `call: cli` payloads: the command their argv starts with -> "module:function" taking the rest of argv
@@ -74,16 +75,22 @@ class StageJob(submitit.helpers.Checkpointable):
         limit_threads(self.threads)
         if rank == 0:
             state.append_event(self.stage_dir, "start", job_id=job_id, hash=self.config_hash)
-        if self.payload["call"] == "dataclass":
-            self._run_dataclass(env)
-        elif self.payload["call"] == "cli":
-            self._run_cli(env)
-        else:
-            raise StageError(f"{self.stage_id}: unknown payload kind {self.payload['call']!r}")
+        try:
+            if self.payload["call"] == "dataclass":
+                self._run_dataclass(env)
+            elif self.payload["call"] == "cli":
+                self._run_cli(env)
+            else:
+                raise StageError(f"{self.stage_id}: unknown payload kind {self.payload['call']!r}")
+            if rank == 0 and not (Path(self.stage_dir) / state.METRICS_FILE).exists():
+                raise StageError(f"{self.stage_id}: the stage returned without writing its metrics.json")
+        except Exception as e:  # recorded for `mocobench results` / `status`, then raised to submitit
+            if rank == 0:
+                state.append_event(self.stage_dir, "failed", job_id=job_id, hash=self.config_hash,
+                                   error=f"{type(e).__name__}: {one_line(e)}"[:500])
+            raise
         metrics = Path(self.stage_dir) / state.METRICS_FILE
         if rank == 0:
-            if not metrics.exists():
-                raise StageError(f"{self.stage_id}: the stage returned without writing {metrics}")
             state.append_event(self.stage_dir, "done", job_id=job_id, hash=self.config_hash)
         return {"stage": self.stage_id, "metrics": str(metrics), "rank": rank}
 

@@ -16,9 +16,8 @@ import os
 import socket
 from pathlib import Path
 
-from mocobench.core.records import STAGE_FILE, now_iso
+from mocobench.core.records import ATTEMPTS_FILE, STAGE_FILE, now_iso
 
-ATTEMPTS_FILE = "attempts.jsonl"
 METRICS_FILE = "metrics.json"
 
 
