@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mocobench.core.run_folder import ensure_writable_dir
-from mocobench.results.gather import aggregate, gather
+from mocobench.results.gather import ANY_METRIC, aggregate, gather
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             path = fn(summary, out / name)
             if path is not None:
                 written[name] = path
-    n_records = gathered.frame["run"].nunique()
+    n_records = gathered.frame.loc[gathered.frame["metric"] != ANY_METRIC, "run"].nunique()
     print(f"gathered {len(gathered.frame)} values from {n_records} metrics.json files below {sweep}")
     print(f"tables: {out / 'tables.md'}")
     for name, path in written.items():

@@ -34,9 +34,10 @@ from mocobench.results import published
 
 TIDY_COLUMNS = ["checkpoint", "variant", "benchmark", "metric", "trial", "value"]
 RUN_COLUMNS = ["model", "method", "official", "arch", "epochs", "setting", "stage", "run", "link",
-               "ckpt_md5", "ckpt_path", "mlp", "aug_plus", "cos", "layer"]
+               "ckpt_md5", "ckpt_path", "mlp", "aug_plus", "cos", "layer", "status"]
+ANY_METRIC = "*"  # the metric of a placeholder row: a stage of this model and benchmark has no result (status)
 # Config fields that never distinguish variants: seeds, paths, logging, pure speed switches.
-BOOKKEEPING = {"seed", "trial", "out", "resume", "workers", "print_freq", "save_freq", "keep_checkpoints",
+BOOKKEEPING = {"seed", "trial", "out", "resume", "force", "workers", "print_freq", "save_freq", "keep_checkpoints",
                "dist_backend", "strict_data", "channels_last", "mlp", "aug_plus", "cos"}
 
 
@@ -138,8 +139,23 @@ def unfinished_stages(root: str | Path) -> list[dict]:
         state = {"failed": "failed", "start": "running or killed", "requeue": "running or killed"}.get(
             last.get("event"), "not run")
         out.append({"stage": d.relative_to(root).as_posix(), "variant": info.get("variant"),
-                    "kind": info.get("stage"), "state": state, "error": last.get("error", "")})
+                    "trial": _stage_trial(info), "kind": info.get("stage"), "benchmark": _record_benchmark(info),
+                    "state": state, "error": last.get("error", "")})
     return out
+
+
+LINEAR_MODES = {"lincls": "linear", "multihead": "linear_multihead", "fast": "linear_fast"}  # evaluate/linear.py
+
+
+def _record_benchmark(info: dict) -> str | None:
+    """The benchmark key the stage's record would have had (stage.json names the sweep's benchmark)."""
+    bench = info.get("benchmark")
+    config = (info.get("payload") or {}).get("config") or {}
+    if bench == "linear":
+        return LINEAR_MODES.get(config.get("mode") or "lincls", "linear")
+    if bench == "semisup":
+        return benchmark_name("eval", "semisup", config)
+    return bench
 
 
 def benchmark_name(stage: str, benchmark: str, config: dict) -> str:
@@ -335,21 +351,25 @@ def gather(root: str | Path, strict: bool = False, progress: bool = True) -> Gat
                 "layer": rec.config.get("layer", rec.config.get("feature"))}
         for metric, value in rec.metrics.items():
             rows.append({**base, "metric": metric, "value": value})
+    unfinished = unfinished_stages(root)
+    for u in unfinished:
+        notes.append(f"{u['stage']}: {u['state']}" + (f" ({u['error']})" if u["error"] else "") + "; no result")
+        if u["variant"] and u["benchmark"]:  # a marked cell in its table, not a silently missing one
+            rows.append({"variant": u["variant"], "model": u["variant"], "benchmark": u["benchmark"],
+                         "metric": ANY_METRIC, "trial": u["trial"] or 0, "value": np.nan, "status": u["state"],
+                         "run": u["stage"], "stage": u["kind"], "link": "none"})
     frame = pd.DataFrame(rows, columns=TIDY_COLUMNS + RUN_COLUMNS)
     frame["trial"] = frame["trial"].astype(int)
     frame["epochs"] = frame["epochs"].astype("Int64")
     frame = frame.sort_values(["variant", "benchmark", "metric", "trial", "checkpoint"], kind="stable")
     frame = frame.reset_index(drop=True)
-    dup = frame.duplicated(["model", "benchmark", "metric", "trial"], keep=False)
+    dup = frame.duplicated(["model", "benchmark", "metric", "trial"], keep=False) & (frame["metric"] != ANY_METRIC)
     for (model, bench, trial), grp in frame[dup].groupby(["model", "benchmark", "trial"]):
         notes.append(f"{model!r} trial {trial} has {grp['run'].nunique()} {bench} records "
                      f"({', '.join(sorted(grp['run'].unique()))}); each counts as a trial in mean±std")
     pretrain_dirs: dict[str, list[Path]] = {}
     for i in sorted(pre, key=lambda j: (pre[j].variant, pre[j].trial)):
         pretrain_dirs.setdefault(pre[i].variant, []).append(records[i].path.parent)
-    unfinished = unfinished_stages(root)
-    for u in unfinished:
-        notes.append(f"{u['stage']}: {u['state']}" + (f" ({u['error']})" if u["error"] else "") + "; no result")
     return Gathered(frame=frame, root=root, pretrain_dirs=pretrain_dirs, warnings=notes, unfinished=unfinished)
 
 
@@ -367,6 +387,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     number (and its std), the difference measured − published and the source key where one exists."""
     cols = AGG_KEYS + ["variant", "method", "official", "arch", "epochs", "setting", "mean", "std", "n",
                        "min", "max", "published", "published_std", "diff", "source"]
+    frame = frame[frame["metric"] != ANY_METRIC]
     if frame.empty:
         return pd.DataFrame(columns=cols)
     with _warnings.catch_warnings():

@@ -10,7 +10,8 @@ Families (layouts of the official MoCo README and of the MMSelfSup / OpenSelfSup
   detection    VOC07 AP50 / AP / AP75;   coco  box and mask AP / AP50 / AP75
   checkpoints  epochs, mlp/aug+/cos, top-1, md5 prefix (official "Models" table)
 Every measured column gets "(published)" and "Δ" columns next to it when any of its rows has a published
-number (results/published.py); cells without one show "—".
+number (results/published.py); cells without one show "—". A sweep stage without a result shows its state
+in its cell (**failed**, **running or killed**, **not run**) instead of leaving the cell or the row out.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mocobench.results import published
-from mocobench.results.gather import Gathered, aggregate, population_std
+from mocobench.results.gather import ANY_METRIC, Gathered, aggregate, population_std
 
 DASH = "—"
 
@@ -53,14 +54,17 @@ class Table:
         return bool(self.frame[f"{col.label} published"].notna().any())
 
     def shown(self) -> list[Col]:
-        """Columns with at least one measured value (a family's other columns are left out)."""
-        return [c for c in self.cols if (self.frame[f"{c.label} n"].fillna(0) > 0).any()]
+        """Columns with at least one measured value or marked stage (a family's other columns are left out)."""
+        return [c for c in self.cols if (self.frame[f"{c.label} n"].fillna(0) > 0).any()
+                or self.frame[f"{c.label} status"].notna().any()]
 
     def csv_frame(self) -> pd.DataFrame:
         """Id columns and, per measured column: mean, std, n and (when any exists) published and diff."""
         keep = list(self.ids)
         for c in self.shown():
             keep += [c.label, f"{c.label} std", f"{c.label} n"]
+            if self.frame[f"{c.label} status"].notna().any():
+                keep.append(f"{c.label} status")
             if self.has_published(c):
                 keep += [f"{c.label} published", f"{c.label} diff"]
         return self.frame[keep]
@@ -76,7 +80,9 @@ class Table:
         for _, row in self.frame.iterrows():
             cells = [_text(row[i]) for i in self.ids]
             for c in self.shown():
-                cells.append(fmt_mean_std(row[c.label], row[f"{c.label} std"], row[f"{c.label} n"], c.decimals))
+                status = row[f"{c.label} status"]
+                cells.append(f"**{status}**" if isinstance(status, str) and not row[f"{c.label} n"] else
+                             fmt_mean_std(row[c.label], row[f"{c.label} std"], row[f"{c.label} n"], c.decimals))
                 if self.has_published(c):
                     pub, pub_std = row[f"{c.label} published"], row[f"{c.label} published std"]
                     cells.append(fmt_mean_std(pub, pub_std, 2 if pd.notna(pub_std) else 1, c.decimals))
@@ -132,7 +138,7 @@ def _put(row: dict, label: str, cell: dict) -> None:
 def _empty_cols(cols: list[Col]) -> list[str]:
     out = []
     for c in cols:
-        out += [c.label] + [f"{c.label} {s}" for s in ("std", "n", "published", "published std", "diff")]
+        out += [c.label] + [f"{c.label} {s}" for s in ("std", "n", "published", "published std", "diff", "status")]
     return out
 
 
@@ -147,7 +153,7 @@ def family_table(frame: pd.DataFrame, name: str, title: str, benchmarks: list[st
     """One row per model (or per model × benchmark), one group of columns per Col, mean±std over trials."""
     sub = frame[frame["benchmark"].isin(benchmarks)]
     wanted = {c.metric for c in cols}
-    sub = sub[sub["metric"].isin(wanted)]
+    sub = sub[sub["metric"].isin(wanted) | (sub["metric"] == ANY_METRIC)]
     ids = ["Model"] + (["Benchmark"] if per_benchmark else []) + list((extra or {}).keys())
     rows = []
     keys = ["model", "benchmark"] if per_benchmark else ["model"]
@@ -169,6 +175,9 @@ def family_table(frame: pd.DataFrame, name: str, title: str, benchmarks: list[st
                     break
             ref = published.lookup(c.ref or bench, c.metric, official, epochs)
             _put(row, c.label, _cell(values["value"], ref))
+            if not len(values):  # no value: a stage of this model and benchmark without a result?
+                marks = group[(group["metric"] == ANY_METRIC) & group["benchmark"].isin(candidates)]["status"]
+                row[f"{c.label} status"] = marks.iloc[0] if len(marks) else None
         rows.append(row)
     df = pd.DataFrame(rows, columns=ids + _empty_cols(cols))
     return Table(name, title, ids, cols, df, notes or [])
@@ -364,7 +373,7 @@ def write_tables(gathered: Gathered, out_dir: str | Path) -> dict[str, Path]:
         sections.append(md)
     if gathered.unfinished:
         sections += ["### Stages without a result", "",
-                     "Their cells are missing from the tables above.", "",
+                     "Their cells in the tables above show the state instead of a number.", "",
                      "| stage | variant | state | error |", "|---|---|---|---|"]
         sections += [f"| {u['stage']} | {u['variant'] or ''} | **{u['state']}** | {u['error'].replace('|', '/')} |"
                      for u in gathered.unfinished] + [""]

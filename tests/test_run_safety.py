@@ -201,14 +201,16 @@ def test_results_lists_failed_and_missing_stages(finished, tmp_path, capsys):
     import shutil
     sweep = tmp_path / "sweep"
     shutil.copytree(finished, sweep / "v1" / "pretrain")
+    (sweep / "v1" / "pretrain" / STAGE_FILE).write_text(json.dumps({"variant": "v1", "trial": 0, "stage": "pretrain",
+                                                                     "benchmark": "moco"}))
     failed = sweep / "v2" / "pretrain"
     failed.mkdir(parents=True)
-    (failed / STAGE_FILE).write_text(json.dumps({"variant": "v2", "trial": 0, "stage": "pretrain"}))
+    (failed / STAGE_FILE).write_text(json.dumps({"variant": "v2", "trial": 0, "stage": "pretrain", "benchmark": "moco"}))
     (failed / ATTEMPTS_FILE).write_text(json.dumps({"event": "start"}) + "\n"
                                         + json.dumps({"event": "failed", "error": "DataError: no images"}) + "\n")
     waiting = sweep / "v2" / "svm"
     waiting.mkdir(parents=True)
-    (waiting / STAGE_FILE).write_text(json.dumps({"variant": "v2", "trial": 0, "stage": "eval"}))
+    (waiting / STAGE_FILE).write_text(json.dumps({"variant": "v2", "trial": 0, "stage": "eval", "benchmark": "svm"}))
     capsys.readouterr()
     assert main(["results", str(sweep), "--no-plots"]) == 0
     err = capsys.readouterr().err
@@ -216,6 +218,11 @@ def test_results_lists_failed_and_missing_stages(finished, tmp_path, capsys):
     assert "2 stage(s) without a result (1 failed, 1 not run)" in err
     tables = (sweep / "tables" / "tables.md").read_text()
     assert "| v2/pretrain | v2 | **failed** | DataError: no images |" in tables
+    # and as marked cells: the failed variant keeps its row, the missing benchmark its column
+    pretrain_rows = [line for line in (sweep / "tables" / "pretrain.md").read_text().splitlines() if "| v2 |" in line]
+    assert len(pretrain_rows) == 1 and "**failed**" in pretrain_rows[0]
+    svm = (sweep / "tables" / "svm.md").read_text()
+    assert "| v2 |" in svm and "**not run**" in svm
     assert main(["results", str(sweep), "--no-plots", "--strict"]) == 1
 
 
