@@ -33,7 +33,8 @@ REPLACED_TAG = ".replaced-"  # OUT.replaced-<time>: an old run moved aside by --
 BOOKKEEPING = frozenset({OWNER_FILE, "stage.json", "attempts.jsonl", "log.txt", "config.yaml"})
 # How a run is executed, not what it computes: changing these resumes the same run.
 RUN_INDEPENDENT = frozenset({"out", "resume", "force", "workers", "print_freq", "save_freq", "keep_checkpoints",
-                             "stop_after", "dist_backend", "cache_dir", "refresh", "threads", "n_jobs", "progress"})
+                             "stop_after", "dist_backend", "cache_dir", "refresh", "threads", "n_jobs", "progress",
+                             "knn_monitor", "knn_monitor_images"})  # the monitor only watches (pretrain/knn_monitor.py)
 
 
 @dataclass

@@ -40,6 +40,8 @@ from mocobench.core.records import CHECKPOINT_NAME, CHECKPOINT_RE, now_iso, writ
 from mocobench.core.run_folder import claim
 from mocobench.pretrain.augment import TwoCropsTransform, moco_augmentation
 from mocobench.pretrain.fast_augment import TensorMocoAugmentation
+from mocobench.pretrain.knn_monitor import K as K_MONITOR
+from mocobench.pretrain.knn_monitor import KNNMonitor
 from mocobench.pretrain.moco import MoCo
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -82,6 +84,10 @@ class PretrainConfig:
     channels_last: Optional[bool] = option(None, "channels_last memory format true/false; unset = with amp, and on "
                                                  f"CPUs from {CPU_CHANNELS_LAST_MIN_SIZE} px (resolve_fast_path)")
     strict_data: bool = option(False, "make an unreadable image fatal instead of skipping it")
+    knn_monitor: int = option(0, "every N epochs (and before the first): weighted kNN top-1 (k=20) of the encoder's "
+                                 "features on held-out images, logged as knn_top1 (pretrain/knn_monitor.py); 0 = off",
+                              at_least=0)
+    knn_monitor_images: int = option(2000, "kNN monitor: memory-bank images (queries: half as many)", at_least=10)
     steps_per_epoch: int = option(0, "cap on steps per epoch (0 = full epoch); for smoke tests", at_least=0)
     print_freq: int = option(10, "log every N steps", at_least=1)
     save_freq: int = option(1, "checkpoint every N epochs (and always at the end)", at_least=1)
@@ -425,6 +431,23 @@ def run(cfg: PretrainConfig) -> dict:
                  f"{world} process(es) on {device}, batch {cfg.batch_size}, {steps} steps/epoch"
                  + (f"; resumed from {resume} at epoch {start_epoch}" + (f" step {skip}" if skip else "")
                     if resume else ""))
+    monitor = KNNMonitor(dataset.root, cfg.image_size, cfg.knn_monitor_images, cfg.seed) \
+        if cfg.knn_monitor and main_rank else None
+    knn_top1 = None
+
+    def watch(epoch: int) -> None:  # rank 0; the monitor draws from no global RNG: training is unchanged
+        nonlocal knn_top1, monitor
+        try:
+            knn_top1 = monitor(model.encoder_q, device, cfg.amp)
+        except (OSError, ValueError) as e:
+            log.line(f"warning: kNN monitor off: {one_line(e)}")
+            monitor = None
+            return
+        log.record(epoch=epoch, step=step, knn_top1=knn_top1)
+        log.line(f"epoch {epoch}: kNN monitor top-1 {knn_top1:.2f} (k={K_MONITOR}, {monitor.source})")
+
+    if monitor is not None and start_epoch == 0 and not skip:
+        watch(-1)  # the random-init reference
     bad_files: dict[str, None] = {}  # unique unreadable files, in order seen
     t_start = time.time()
     stats = restored.get("epoch_stats") or []
@@ -482,6 +505,8 @@ def run(cfg: PretrainConfig) -> dict:
             log.record(epoch=epoch, step=step, epoch_loss=epoch_loss, epoch_acc1=epoch_acc)
             if bad_files:
                 log.line(f"warning: {len(bad_files)} unreadable image(s) skipped so far, e.g. {next(iter(bad_files))}")
+            if monitor is not None and ((epoch + 1) % cfg.knn_monitor == 0 or epoch + 1 == cfg.epochs):
+                watch(epoch)
             signum = stop.requested(world)
             if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs or signum:
                 rngs = dist.all_gather_object(rng_state())  # every rank's, so a resume continues each exactly
@@ -499,7 +524,8 @@ def run(cfg: PretrainConfig) -> dict:
         log.close()
         return {"loss": epoch_loss, "acc1": epoch_acc, "epochs_done": end_epoch}
     metrics = {"loss": epoch_loss, "acc1": epoch_acc, "epochs": cfg.epochs,
-               "hours": (seconds_before + time.time() - t_start) / 3600, "bad_images": len(bad_files)}
+               "hours": (seconds_before + time.time() - t_start) / 3600, "bad_images": len(bad_files),
+               **({"knn_top1": knn_top1} if knn_top1 is not None else {})}
     if main_rank:
         last = latest_checkpoint(out)
         write_metrics(out, stage="pretrain", benchmark="moco", metrics=metrics, config=to_dict(cfg),

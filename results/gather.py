@@ -405,6 +405,25 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     return agg[cols]
 
 
+def read_knn_monitor(run_dir: str | Path) -> pd.DataFrame:
+    """The kNN monitor's records (step, epoch, knn_top1) of a pretrain run's metrics.jsonl (epoch -1: before
+    training); later lines win on a repeated epoch. Empty if the monitor was off."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and "knn_top1" in obj:
+                rows.append(obj)
+    frame = pd.DataFrame(rows).reindex(columns=["step", "epoch", "knn_top1"])
+    if not frame.empty:
+        frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+    return frame
+
+
 def read_curve(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-step, per-epoch) records of a pretrain run's metrics.jsonl; later lines win on repeated steps
     (a resumed run re-logs the steps after its last checkpoint). Empty frames if there is no log."""

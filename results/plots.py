@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mocobench.results import published  # noqa: E402
-from mocobench.results.gather import read_curve  # noqa: E402
+from mocobench.results.gather import read_curve, read_knn_monitor  # noqa: E402
 
 LAYERS = [(f"feature{i}/top1", f"Feature{i}") for i in range(1, 6)] + [("avgpool/top1", "AvgPool")]
 
@@ -50,6 +50,10 @@ def _draw_runs(ax_loss, ax_acc, label: str | None, run_dirs: list[Path], color) 
                 x, y, bad = _finite(_epoch_x(steps, epochs), epochs[epoch_key])
                 dropped += bad
                 ax.plot(x, y, color=color, lw=2.0, marker="o", ms=3, label=lbl)
+        knn = read_knn_monitor(run_dir)
+        if not knn.empty:  # the monitor's kNN top-1 on the accuracy axis: dashed, squares
+            ax_acc.plot(knn["step"], knn["knn_top1"], color=color, lw=1.5, ls="--", marker="s", ms=4,
+                        label=f"{label} kNN top-1 (monitor)" if label and not drawn else None)
         drawn = True
     return drawn, dropped
 
@@ -86,7 +90,8 @@ def plot_pretrain_curves(run_dirs: dict[str, Path | list[Path]], out_png: str | 
         if dropped:
             ax_loss.plot([], [], " ", label=f"({label}: {dropped} non-finite values omitted)")
     ax_loss.set(title="InfoNCE loss", xlabel="step", ylabel="loss")
-    ax_acc.set(title="instance accuracy (positive ranked first)", xlabel="step", ylabel="acc@1 (%)")
+    ax_acc.set(title="instance accuracy (positive ranked first); dashed: kNN monitor", xlabel="step",
+               ylabel="acc@1 (%)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     if not any_drawn:

@@ -224,11 +224,13 @@ def readme_table(frame: pd.DataFrame) -> Table:
 
 
 def pretrain_table(frame: pd.DataFrame) -> Table:
-    cols = [Col("loss", "loss", decimals=3), Col("inst. acc@1", "acc1", decimals=1), Col("hours", "hours", decimals=2)]
+    cols = [Col("loss", "loss", decimals=3), Col("inst. acc@1", "acc1", decimals=1),
+            Col("kNN monitor", "knn_top1", decimals=1), Col("hours", "hours", decimals=2)]
     return family_table(frame[frame["stage"] == "pretrain"], "pretrain", "Pretraining (final epoch, per variant)",
                         ["moco"], cols, extra={"Config": _config_summary},
                         notes=["loss / inst. acc@1: mean over the last epoch of the InfoNCE loss and of the "
-                               "instance-discrimination accuracy (positive key ranked first)."])
+                               "instance-discrimination accuracy (positive key ranked first). kNN monitor: "
+                               "weighted kNN top-1 (k=20) on held-out images at the end (pretrain/knn_monitor.py)."])
 
 
 def svm_table(frame: pd.DataFrame) -> Table:

@@ -248,3 +248,27 @@ def test_short_demo_pretrain_lowers_the_loss(demo_data, tmp_path):
     assert len(losses) == 45
     peak = max(losses[:15])
     assert np.mean(losses[-8:]) < peak - 0.25, (peak, losses[-8:])
+
+
+def test_knn_monitor_logs_and_leaves_training_unchanged(tiny_folder, tmp_path):
+    """The monitor writes knn_top1 before training and every N epochs, and draws from no global RNG: the
+    weights of a monitored run equal those of the same run without it."""
+    run(tiny_cfg(tiny_folder, tmp_path / "plain", epochs=2))
+    metrics = run(tiny_cfg(tiny_folder, tmp_path / "watched", epochs=2, knn_monitor=1, knn_monitor_images=24))
+    from mocobench.results.gather import read_knn_monitor
+    knn = read_knn_monitor(tmp_path / "watched")
+    assert list(knn["epoch"]) == [-1, 0, 1] and knn["knn_top1"].between(0, 100).all()
+    assert metrics["knn_top1"] == knn["knn_top1"].iloc[-1]
+    a = torch.load(tmp_path / "plain" / "checkpoint_0001.pth.tar", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "watched" / "checkpoint_0001.pth.tar", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_knn_monitor_holds_out_queries_the_bank_never_contains(tiny_folder):
+    from mocobench.pretrain.knn_monitor import KNNMonitor
+    m = KNNMonitor(tiny_folder / "train", 16, max_images=20, seed=1)
+    assert m.source == "a held-out tenth of train"
+    bank, held = set(m.bank.indices.tolist()), set(m.queries.indices.tolist())
+    assert len(held) == 3 and not bank & held and len(bank) == 20
+    labels = np.array(m.bank.dataset.targets)
+    assert sorted(np.bincount(labels[sorted(bank)]).tolist()) == [6, 7, 7]  # class-balanced draw
