@@ -35,6 +35,7 @@ from mocobench.results import published
 TIDY_COLUMNS = ["checkpoint", "variant", "benchmark", "metric", "trial", "value"]
 RUN_COLUMNS = ["model", "method", "official", "arch", "epochs", "setting", "stage", "run", "link",
                "ckpt_md5", "ckpt_path", "mlp", "aug_plus", "cos", "layer", "status"]
+BASELINE_LINK = "baseline"  # Ident.link of a random-init baseline (listed after the models it is compared with)
 ANY_METRIC = "*"  # the metric of a placeholder row: a stage of this model and benchmark has no result (status)
 # Config fields that never distinguish variants: seeds, paths, logging, pure speed switches.
 BOOKKEEPING = {"seed", "trial", "out", "resume", "force", "workers", "print_freq", "save_freq", "keep_checkpoints",
@@ -140,7 +141,7 @@ def unfinished_stages(root: str | Path) -> list[dict]:
             last.get("event"), "not run")
         out.append({"stage": d.relative_to(root).as_posix(), "variant": info.get("variant"),
                     "trial": _stage_trial(info), "kind": info.get("stage"), "benchmark": _record_benchmark(info),
-                    "state": state, "error": last.get("error", "")})
+                    "state": state, "error": last.get("error", ""), "baseline": bool(info.get("baseline"))})
     return out
 
 
@@ -292,6 +293,10 @@ def identify_eval(rec: Record, records: list[Record], pre: dict[int, Ident]) -> 
         ident = Ident(variant=base.variant, trial=base.trial, checkpoint=ckpt_id or base.checkpoint,
                       method=base.method, official=base.official, arch=base.arch, epochs=epochs,
                       run_epochs=base.run_epochs, setting=base.setting, link=how, flags=dict(base.flags))
+    elif str(rec.config.get("checkpoint", "")).startswith("random:"):  # a random-init baseline
+        spec = str(rec.config["checkpoint"])
+        ident = Ident(variant=f"random init {spec.split(':', 1)[1]}", trial=0, checkpoint=spec, method="random init",
+                      arch=spec.split(":")[1], link=BASELINE_LINK, setting="baseline: random init")
     elif _short(rec.ckpt_md5) in published.RELEASED:
         method, epochs, _ = published.RELEASED[_short(rec.ckpt_md5)]
         ident = Ident(variant=f"released {method} {epochs}ep", trial=0, checkpoint=ckpt_id, method=method,
@@ -310,7 +315,10 @@ def identify_eval(rec: Record, records: list[Record], pre: dict[int, Ident]) -> 
 
 
 def model_name(ident: Ident) -> str:
-    """The row label of tables: the variant, plus the checkpoint epoch when it is not the run's last."""
+    """The row label of tables: the variant, plus the checkpoint epoch when it is not the run's last;
+    a baseline says so."""
+    if ident.link == BASELINE_LINK:
+        return f"{ident.variant} (baseline)"
     if ident.epochs is not None and ident.run_epochs is not None and ident.epochs != ident.run_epochs:
         return f"{ident.variant} @{ident.epochs}ep"
     return ident.variant
@@ -355,14 +363,17 @@ def gather(root: str | Path, strict: bool = False, progress: bool = True) -> Gat
     for u in unfinished:
         notes.append(f"{u['stage']}: {u['state']}" + (f" ({u['error']})" if u["error"] else "") + "; no result")
         if u["variant"] and u["benchmark"]:  # a marked cell in its table, not a silently missing one
-            rows.append({"variant": u["variant"], "model": u["variant"], "benchmark": u["benchmark"],
-                         "metric": ANY_METRIC, "trial": u["trial"] or 0, "value": np.nan, "status": u["state"],
-                         "run": u["stage"], "stage": u["kind"], "link": "none"})
+            base = u["baseline"]
+            rows.append({"variant": u["variant"], "benchmark": u["benchmark"], "metric": ANY_METRIC,
+                         "model": f"{u['variant']} (baseline)" if base else u["variant"],
+                         "trial": u["trial"] or 0, "value": np.nan, "status": u["state"],
+                         "run": u["stage"], "stage": u["kind"], "link": BASELINE_LINK if base else "none"})
     frame = pd.DataFrame(rows, columns=TIDY_COLUMNS + RUN_COLUMNS)
     frame["trial"] = frame["trial"].astype(int)
     frame["epochs"] = frame["epochs"].astype("Int64")
-    frame = frame.sort_values(["variant", "benchmark", "metric", "trial", "checkpoint"], kind="stable")
-    frame = frame.reset_index(drop=True)
+    frame["_baseline"] = frame["link"] == BASELINE_LINK
+    frame = frame.sort_values(["_baseline", "variant", "benchmark", "metric", "trial", "checkpoint"], kind="stable")
+    frame = frame.drop(columns="_baseline").reset_index(drop=True)
     dup = frame.duplicated(["model", "benchmark", "metric", "trial"], keep=False) & (frame["metric"] != ANY_METRIC)
     for (model, bench, trial), grp in frame[dup].groupby(["model", "benchmark", "trial"]):
         notes.append(f"{model!r} trial {trial} has {grp['run'].nunique()} {bench} records "

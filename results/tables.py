@@ -26,6 +26,8 @@ from mocobench.results import published
 from mocobench.results.gather import ANY_METRIC, Gathered, aggregate, population_std
 
 DASH = "—"
+SMOKE_NOTE = ("A smoke run trains a few iterations at 256 px (transfer/configs/smoke.yaml) to check the transfer "
+              "pipeline end to end; its AP measures no model.")
 
 
 @dataclass(frozen=True)
@@ -303,7 +305,9 @@ def semisup_table(frame: pd.DataFrame) -> Table:
 def detection_table(frame: pd.DataFrame) -> Table:
     benches = sorted(b for b in frame["benchmark"].unique() if str(b).startswith("voc"))
     cols = [Col("AP50", "AP50", decimals=1), Col("AP", "AP", decimals=1), Col("AP75", "AP75", decimals=1)]
-    return family_table(frame, "detection", "VOC detection (Faster R-CNN)", benches, cols, per_benchmark=True)
+    notes = [SMOKE_NOTE] if frame[frame["benchmark"].isin(benches)]["model"].str.contains("smoke").any() else []
+    return family_table(frame, "detection", "VOC detection (Faster R-CNN)", benches, cols, per_benchmark=True,
+                        notes=notes)
 
 
 def coco_table(frame: pd.DataFrame) -> Table:

@@ -117,6 +117,8 @@ class SweepSpec:
     pretrain: dict | None = option(None, "pretrain section (omit to evaluate `checkpoints` only)")
     benchmarks: dict = option({}, "entry name -> benchmark settings")
     checkpoints: list = option([], "third-party checkpoints: [{name, path}, ...]")
+    baselines: list = option([], "baselines evaluated next to the pretrained variants: 'random' (the pretrain's "
+                                 "architecture at random init) or {name, checkpoint: random:ARCH[:WIDTH]}")
     source: str = option("", "(set by the loader) the spec file")
 
 
@@ -189,6 +191,31 @@ def pretrain_section(spec: SweepSpec) -> PretrainSection:
             raise ConfigError(f"{where}.variants.{name}: expected a mapping of fields, got {variant!r}")
     parse_resources(sec.resources, f"{where}.resources")
     return sec
+
+
+@dataclass
+class BaselineEntry:
+    name: str = option("random init", "row label in the tables")
+    checkpoint: str = option("random", "'random' (the pretrain's arch and width at random init) or random:ARCH[:WIDTH]")
+
+
+def baselines(spec: SweepSpec) -> list[BaselineEntry]:
+    """The spec's baselines; a bare 'random' is `{name: random init, checkpoint: random}`."""
+    if not isinstance(spec.baselines, list):
+        raise ConfigError(f"{spec.source}: baselines must be a list ('random' or {{name, checkpoint}}), "
+                          f"got {spec.baselines!r}")
+    out, seen = [], set()
+    for i, data in enumerate(spec.baselines):
+        where = f"{spec.source}: baselines[{i}]"
+        entry = BaselineEntry() if data == "random" else _section(BaselineEntry, data, where)
+        if entry.checkpoint != "random" and not entry.checkpoint.startswith("random:"):
+            raise ConfigError(f"{where}: checkpoint {entry.checkpoint!r}; expected 'random' or random:ARCH[:WIDTH] "
+                              "(a released checkpoint goes under `checkpoints`)")
+        if entry.name in seen:
+            raise ConfigError(f"{where}: baseline name {entry.name!r} appears twice")
+        seen.add(entry.name)
+        out.append(entry)
+    return out
 
 
 def checkpoints(spec: SweepSpec) -> list[CheckpointEntry]:

@@ -30,6 +30,7 @@ from mocobench.transfer.recipes import RECIPES
 
 EXTERNAL_DIR = "external"
 BASELINE_DIR = "baseline"
+SMOKE_LABEL = "pipeline smoke run"  # the table label of a `smoke: true` transfer with fixed weights
 
 
 @dataclass
@@ -149,9 +150,26 @@ def _pretrain_stages(spec: sp.SweepSpec, root: Path, spec_dir: Path) -> list[Sta
     return stages
 
 
+def _random_spec(entry: sp.BaselineEntry, pretrains: list[Stage], where: str) -> str:
+    """random:ARCH:WIDTH of a baseline; 'random' takes the (single) architecture of the spec's pretrains."""
+    if entry.checkpoint != "random":
+        return entry.checkpoint
+    archs = {(s.payload["config"]["arch"], s.payload["config"]["width"]) for s in pretrains}
+    if len(archs) != 1:
+        raise ConfigError(f"{where}: 'random' needs the pretrain variants to share one arch and width, found "
+                          f"{sorted(archs) or 'no pretrain section'}; give checkpoint: random:ARCH[:WIDTH]")
+    arch, width = archs.pop()
+    return f"random:{arch}:{width}" if width != 64 else f"random:{arch}"
+
+
 def _sources(spec: sp.SweepSpec, pretrains: list[Stage], spec_dir: Path) -> list[Source]:
     out = [Source(model_dir=str(Path(s.id).parent), checkpoint=s.produces, info=dict(s.info), stage=s,
                   ident=f"stage:{s.id}@{s.hash}") for s in pretrains]
+    for i, entry in enumerate(sp.baselines(spec)):  # random init, through every evaluator like a variant
+        ckpt = _random_spec(entry, pretrains, f"{spec.source}: baselines[{i}]")
+        out.append(Source(model_dir=f"{BASELINE_DIR}/{sp._slug(entry.name)}", checkpoint=ckpt,
+                          info={"variant": entry.name, "trial": 0, "stage": "eval", "checkpoint_id": ckpt,
+                                "baseline": True}, stage=None, ident=f"weights:{ckpt}"))
     for entry in sp.checkpoints(spec):
         path = Path(os.path.expandvars(entry.path)).expanduser()
         if not path.is_absolute():
@@ -180,8 +198,9 @@ def _benchmark_stages(spec: sp.SweepSpec, root: Path, spec_dir: Path, sources: l
         targets = sources
         if kind.kind == "transfer" and fields_cfg.weights:  # fixed weights: one run, not one per checkpoint
             w = fields_cfg.weights
+            label = f"{SMOKE_LABEL} ({w})" if fields_cfg.smoke else f"baseline {w}"  # a smoke AP is no model's AP
             targets = [Source(model_dir=f"{BASELINE_DIR}/{sp._slug(w)}", checkpoint=w,
-                              info={"variant": f"baseline {w}", "trial": 0, "stage": "transfer", "checkpoint_id": w},
+                              info={"variant": label, "trial": 0, "stage": "transfer", "checkpoint_id": w},
                               stage=None, ident=f"weights:{w}")]
         for src in targets:
             for k in range(entry.trials):

@@ -373,3 +373,21 @@ def test_bad_records_and_cli(zoo, tmp_path, capsys):
     empty.mkdir()
     assert results_main([str(empty)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_random_init_baseline_is_a_labelled_row_listed_last(tmp_path):
+    """An evaluation of random:ARCH (a sweep baseline, or by hand) is a baseline row, after the models, with
+    no "no pretrain run found" warning."""
+    ckpt = pretrain_run(tmp_path / "v2" / "pretrain", V2, md5=md5_of("a"))
+    eval_run(tmp_path / "v2" / "knn", "knn", {"k20/top1": 61.0}, ckpt=ckpt, md5=md5_of("a"))
+    eval_run(tmp_path / "by-hand" / "knn", "knn", {"k20/top1": 11.0}, ckpt=None, md5=None,
+             config={"checkpoint": "random:resnet50"})
+    swept = tmp_path / "baseline" / "random_init" / "knn"
+    eval_run(swept, "knn", {"k20/top1": 12.0}, ckpt=None, md5=None, config={"checkpoint": "random:resnet50"})
+    (swept / "stage.json").write_text(json.dumps({"variant": "random init", "trial": 0, "stage": "eval",
+                                                  "baseline": True}))
+    g = gather(tmp_path, progress=False)
+    assert not [w for w in g.warnings if "no pretrain run" in w]
+    knn = g.frame[(g.frame["benchmark"] == "knn") & (g.frame["metric"] == "k20/top1")]
+    assert list(knn["model"]) == ["v2", "random init (baseline)", "random init resnet50 (baseline)"]
+    assert list(knn["value"]) == [61.0, 12.0, 11.0]

@@ -166,3 +166,32 @@ def test_sacct_array_ranges_expand_and_never_override_started_tasks(monkeypatch)
     assert (got["12_0"].state, got["12_1"].state, got["12_1"].raw) == ("completed", "cancelled", "CANCELLED by 0")
     assert (got["13"].state, got["13"].reason) == ("failed", "exit 1:0")
     assert got["14"].state == "unknown"  # neither sacct, squeue nor scontrol know it
+
+
+def test_baselines_run_every_evaluator_at_random_init(tmp_path):
+    """`baselines: [random]` adds the pretrain's arch and width at random init as one more source of every
+    evaluator entry (no dependency on a pretrain), labelled as a baseline; transfer smoke runs say smoke."""
+    data = yaml.safe_load((SPECS / "demo.yaml").read_text())
+    data["baselines"] = ["random", {"name": "random r50", "checkpoint": "random:resnet50"}]
+    stages = _stages(_write(tmp_path, data), tmp_path / "sweep")
+    base = [s for s in stages if s.info.get("baseline")]
+    evals = {s.benchmark for s in stages if s.kind == "eval" and not s.info.get("baseline")}
+    assert {s.benchmark for s in base if s.info["variant"] == "random init"} == evals
+    for s in base:
+        assert not s.deps and s.kind == "eval"
+        want = "random:resnet18_small:16" if s.info["variant"] == "random init" else "random:resnet50"
+        assert s.payload["config"]["checkpoint"] == want and "/baseline/random_" in s.dir
+    smoke = [s for s in stages if s.kind == "transfer"]
+    assert [s.info["variant"] for s in smoke] == ["pipeline smoke run (random:resnet50)"]
+
+
+@pytest.mark.parametrize("baselines, needle", [
+    ([{"name": "x", "checkpoint": "/ckpt/released.pth"}], "a released checkpoint goes under `checkpoints`"),
+    (["random", "random"], "appears twice"),
+    ({"name": "x"}, "must be a list"),
+])
+def test_bad_baselines_are_one_line_errors(tmp_path, baselines, needle):
+    data = yaml.safe_load((SPECS / "demo.yaml").read_text())
+    data["baselines"] = baselines
+    with pytest.raises(ConfigError, match=needle):
+        _stages(_write(tmp_path, data), tmp_path / "sweep")
