@@ -23,7 +23,7 @@ from mocobench.checkpoints.random_init import parse_random_spec
 from mocobench.core.config import option
 from mocobench.core.errors import ConfigError, DataError
 from mocobench.core.records import file_md5, now_iso
-from mocobench.core.transforms import eval_transform
+from mocobench.core.transforms import IMAGE_TRANSFORMS, eval_transform, transform_id
 from mocobench.evaluate import datasets
 from mocobench.evaluate.feature_file import write_npz
 from mocobench.evaluate.layers import FEATURE_LAYERS, check_layer, extract, load_frozen_backbone
@@ -102,8 +102,11 @@ class FeatureSourceConfig:
     layer: str = option("avgpool", f"feature layer: {', '.join(FEATURE_LAYERS)}")
     train_split: str = option("", "train split (default: train for imagefolder, trainval for voc)")
     test_split: str = option("", "test split (default: val for imagefolder, test for voc)")
-    resize: int = option(256, "Resize (shorter side) before the center crop", at_least=8)
-    crop: int = option(224, "CenterCrop size", at_least=8)
+    image_transform: str = option("center_crop", "center_crop (Resize + CenterCrop, main_lincls.py) | resize "
+                                  "(Resize + Resize((crop, crop)), VISSL VOC07 SVM) | square (Resize((crop, crop)), "
+                                  "VISSL low-shot); core/transforms.py")
+    resize: int = option(256, "Resize (shorter side) first (center_crop, resize)", at_least=8)
+    crop: int = option(224, "input size: CenterCrop size, or the square side", at_least=8)
     batch_size: int = option(256, "extraction batch size", at_least=1)
     workers: int = option(4, "data loader workers", at_least=0)
     amp: bool = option(False, "bf16 autocast extraction (fast path, not the reference fp32 protocol)")
@@ -147,9 +150,12 @@ def resolve_features(cfg: FeatureSourceConfig) -> Path:
         raise ConfigError("give --checkpoint (to extract features) or --features FILE.npz")
     check_checkpoint(cfg.checkpoint)
     train_split, test_split = splits_of(cfg.dataset, cfg.train_split, cfg.test_split)
-    transform = eval_transform(cfg.resize, cfg.crop)
+    if cfg.image_transform not in IMAGE_TRANSFORMS:
+        raise ConfigError(f"image_transform={cfg.image_transform!r}; expected one of {', '.join(IMAGE_TRANSFORMS)}")
+    transform = eval_transform(cfg.resize, cfg.crop, cfg.image_transform)
     train_ds, test_ds = build_datasets(cfg.data, cfg.dataset, train_split, test_split, transform)
     return cached_features(cfg.checkpoint, dataset_name(cfg.data, cfg.dataset, train_split, test_split),
-                           train_ds, test_ds, cfg.layer, f"resize{cfg.resize}_crop{cfg.crop}", cfg.cache_dir or None,
+                           train_ds, test_ds, cfg.layer, transform_id(cfg.resize, cfg.crop, cfg.image_transform),
+                           cfg.cache_dir or None,
                            batch_size=cfg.batch_size, workers=cfg.workers, amp=cfg.amp, seed=cfg.seed,
                            refresh=cfg.refresh)

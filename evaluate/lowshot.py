@@ -5,6 +5,8 @@ vissl/utils/svm_utils/svm_low_shot_trainer.py; MMSelfSup svm_voc07/tools/eval_sv
   * for k in {1, 2, 4, 8, 16, 32, 64, 96} and 5 independent samples: for every class separately draw k
     positives (label 1) and (C-1)*k negatives (label 0; 19k for VOC's 20 classes) from trainval without
     replacement; difficult images (-1) are never drawn;
+  * features of the whole image resized to 224 x 224, no crop (VISSL eval_resnet_8gpu_transfer_voc07_low_shot_svm
+    .yaml), layer `voc_svm`;
   * per class, an SVM (the VOC07 one: LinearSVC, class_weight {1: 2, -1: 1}, ...) for every cost in the
     cost list on exactly those k + (C-1)k images; features L2-normalised;
   * test: all-point AP per class without the test difficult images, mean over classes = the mAP of one
@@ -48,6 +50,8 @@ class LowShotConfig(SVMSolverOptions, FeatureSourceConfig):
     """Low-shot SVMs: k positives and (C-1)k negatives per class, 5 samples per k."""
     dataset: str = option("voc", "dataset layout: voc (VOC2007 devkit) or imagefolder")
     layer: str = option("voc_svm", "feature layer (VOC07 protocol: voc_svm = res5 AvgPool(6, stride 1))")
+    image_transform: str = option("square", "square: Resize((crop, crop)), the whole image (VISSL low-shot); "
+                                  "resize | center_crop (core/transforms.py)")
     out: str = option("runs/lowshot", "run directory for metrics.json and lowshot_samples.npz")
     k_values: list[int] = option(None, f"positives per class (default {list(K_VALUES)})", at_least=1)
     samples: int = option(5, "independent samples per k", at_least=1)

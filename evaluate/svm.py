@@ -2,8 +2,9 @@
 
 Protocol (vissl/utils/svm_utils/svm_trainer.py + evaluate.py; MMSelfSup
 tools/benchmarks/classification/svm_voc07/tools/train_svm_kfold.py, test_svm.py):
-  * features: res5 -> AvgPool(6, stride 1) -> 8192-d (layer `voc_svm`), 224 px center crop after a 256 resize;
-    L2-normalised per image as x / (|x| + 1e-5);
+  * features: res5 -> AvgPool(6, stride 1) -> 8192-d (layer `voc_svm`) of the whole image: Resize(256) then
+    Resize((224, 224)), no crop (VISSL eval_resnet_8gpu_transfer_voc07_svm.yaml; MMSelfSup
+    benchmarks/extract_info/voc07.py); L2-normalised per image as x / (|x| + 1e-5);
   * labels N x C in {1 present, 0 absent, -1 difficult}; in training difficult images are negatives
     (0 and -1 both become -1), at test time they are dropped;
   * per class and per cost C in the cost list (VISSL's [0.01, 0.1, 1, 2, 5, 10, 15, 20, 50, 100, 1000]) a
@@ -80,6 +81,8 @@ class SVMConfig(SVMSolverOptions, FeatureSourceConfig):
     """VOC07 SVM: per-class linear SVMs on frozen features, cost chosen by 3-fold CV on trainval."""
     dataset: str = option("voc", "dataset layout: voc (VOC2007 devkit) or imagefolder")
     layer: str = option("voc_svm", "feature layer (VOC07 protocol: voc_svm = res5 AvgPool(6, stride 1))")
+    image_transform: str = option("resize", "resize: Resize(resize) + Resize((crop, crop)), the whole image (VISSL, "
+                                  "MMSelfSup VOC07); center_crop | square (core/transforms.py)")
     out: str = option("runs/svm", "run directory for metrics.json")
     folds: int = option(3, "cross-validation folds for the cost choice (stratified, no shuffle)", at_least=2)
 

@@ -326,3 +326,39 @@ def test_extract_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["extract", "--checkpoint", str(tmp_path / "none.pth"), "--data", str(tmp_path)]) == 2
     assert "checkpoint " + str(tmp_path / "none.pth") + " not found" in capsys.readouterr().err
     assert main(["nosuch"]) == 2
+
+
+def test_svm_and_lowshot_features_are_the_whole_image_resized_as_the_references(tmp_path):
+    """svm: Resize(256) + Resize((224, 224)) (VISSL / MMSelfSup VOC07), lowshot: Resize((224, 224)) (VISSL
+    low-shot), here at 20 / 16 px; checked against torchvision.transforms.functional applied by hand, on
+    non-square images where a center crop would differ."""
+    import torchvision.transforms.functional as TF
+
+    from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from mocobench.evaluate.lowshot import LowShotConfig
+    from mocobench.evaluate.svm import SVMConfig
+    voc = make_voc(tmp_path)
+    rng = np.random.default_rng(0)
+    for p in sorted((voc / "JPEGImages").glob("*.jpg")):
+        Image.fromarray(rng.integers(0, 255, (20, 34, 3), dtype=np.uint8)).save(p)
+    test_images = [Image.open(voc / "JPEGImages" / f"{i}.jpg").convert("RGB") for i in ("000004", "000005")]
+    common = dict(checkpoint="random:resnet18_small:8", data=str(voc), layer="avgpool", resize=20, crop=16,
+                  workers=0, cache_dir=str(tmp_path / "cache"))
+    model = layers.load_frozen_backbone("random:resnet18_small:8", 0)
+    trunk = torch.nn.Sequential(*list(model.children())[:-1])
+    found = {}
+    for cls, kind in ((SVMConfig, "resize"), (LowShotConfig, "square"), (SVMConfig, "center_crop")):
+        cfg = cls(**common) if kind != "center_crop" else cls(**common, image_transform="center_crop")
+        assert cfg.image_transform == kind
+        fs = feature_file.load_features(feature_cache.resolve_features(cfg))
+
+        def reference(img):
+            if kind in ("resize", "center_crop"):
+                img = TF.resize(img, 20)
+            img = TF.center_crop(img, 16) if kind == "center_crop" else TF.resize(img, [16, 16])
+            return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+        with torch.no_grad():
+            ref = trunk(torch.stack([reference(img) for img in test_images])).flatten(1).numpy()
+        np.testing.assert_allclose(fs.test_feats, ref, rtol=1e-4, atol=1e-5)
+        found[kind] = np.asarray(fs.test_feats)
+    assert not np.allclose(found["resize"], found["center_crop"], atol=1e-3)  # the transform matters here

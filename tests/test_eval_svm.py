@@ -349,7 +349,9 @@ def test_demo_end_to_end(checkpoints, which, tmp_path):
     assert main(["lowshot", "--config", "demo", *common, "--k-values", "1,4", "--samples", "2",
                  "--out", str(tmp_path / "ls")]) == 0
     ls = read_metrics(tmp_path / "ls" / "metrics.json")["metrics"]
-    assert ls["details"]["features"] == m["details"]["features"]  # one cached extraction serves both
+    # each protocol's own whole-image transform: svm Resize + Resize((32, 32)), lowshot Resize((32, 32))
+    assert "resize36_square32" in m["details"]["features"] and "square32" in ls["details"]["features"]
+    assert ls["details"]["features"] != m["details"]["features"]
     for k in (1, 4):
         assert 0 <= ls[f"k{k}/mAP_min"] <= ls[f"k{k}/mAP_mean"] <= ls[f"k{k}/mAP_max"] <= 100
 
