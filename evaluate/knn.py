@@ -1,6 +1,6 @@
 """`mocobench eval knn`: weighted kNN classification on frozen features, the cheap monitor of
-representation quality. The classifier (Wu et al. 2018 protocol, k = 20 and 200, T = 0.07) is
-core/knn.py; reports top-1 (and top-5) accuracy in percent as `k{K}/top1`, `k{K}/top5`.
+representation quality. The classifier (Wu et al. 2018 protocol, T = 0.07) is core/knn.py; k = 10, 20,
+100, 200 as MMSelfSup's tools/benchmarks/classification/knn_imagenet; reports top-1 (and top-5) accuracy in percent as `k{K}/top1`, `k{K}/top5`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from mocobench.evaluate.report import claim_out, report
 class KNNConfig(FeatureSourceConfig):
     """Weighted kNN on cached features (layer avgpool by default)."""
     out: str = option("runs/knn", "run directory for metrics.json")
-    ks: list[int] = option([20, 200], "numbers of neighbours", at_least=1)
+    ks: list[int] = option([10, 20, 100, 200], "numbers of neighbours (MMSelfSup's knn_imagenet topk; InstDisc "
+                                                "and the MoCo colab report 200, DINO 20)", at_least=1)
     temperature: float = option(0.07, "vote weight exp(similarity / T)", above=0)
     chunk: int = option(8192, "train rows per similarity block", at_least=1)
 

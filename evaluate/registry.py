@@ -54,8 +54,8 @@ EVALUATORS: dict[str, Evaluator] = {e.name: e for e in (
               "Linear classification on a frozen backbone: main_lincls.py (lincls), MMSelfSup multi-layer heads "
               "(multihead) or the fast proxy on cached features (fast)."),
     Evaluator("knn", "mocobench.evaluate.knn", "KNNConfig",
-              "weighted kNN (k=20, 200; T=0.07; cosine) on cached features",
-              "Weighted kNN (k=20/200, T=0.07, cosine) on frozen features; writes OUT/metrics.json."),
+              "weighted kNN (k=10, 20, 100, 200; T=0.07; cosine) on cached features",
+              "Weighted kNN (k=10/20/100/200, T=0.07, cosine) on frozen features; writes OUT/metrics.json."),
     Evaluator("svm", "mocobench.evaluate.svm", "SVMConfig",
               "VOC07 linear SVMs (VISSL/MMSelfSup protocol)",
               "VOC07 linear SVMs (VISSL/MMSelfSup protocol: per-class cost by 3-fold CV AP on trainval, "

@@ -274,7 +274,7 @@ def linear_fast_table(frame: pd.DataFrame) -> Table:
 
 def knn_table(frame: pd.DataFrame) -> Table:
     return family_table(frame, "knn", "kNN classification (top-1)", ["knn"],
-                        [Col("k=20", "k20/top1"), Col("k=200", "k200/top1")], extra={"Config": _config_summary})
+                        [Col(f"k={k}", f"k{k}/top1") for k in (10, 20, 100, 200)], extra={"Config": _config_summary})
 
 
 GRID_RE = re.compile(r"^grid/(.+)/top1$")
