@@ -60,6 +60,8 @@ class TransferFields:
     data_root: str = option("datasets", "folder with VOC2007/, VOC2012/, coco/; 'demo' = the embedded demo data")
     smoke: bool = option(False, "tiny CPU-sized settings (transfer/configs/smoke.yaml)")
     opts: list[str] = option([], "detectron2 KEY VALUE overrides, applied last")
+    linear_scaling: bool = option(False, "scale batch/lr/iterations linearly off the 8-GPU reference "
+                                         "(--linear-scaling); default: the reference's values at any GPU count")
     weights: str = option("", "'' = each checkpoint of the sweep; else one run on these --weights "
                              "(none, random:resnet50, a file), e.g. a pipeline smoke test")
 
@@ -241,9 +243,12 @@ def _transfer_payload(kind: Kind, fields: TransferFields, checkpoint: str, out: 
             "--trial", str(k), "--num-gpus", str(res.gpus_per_node)]
     if fields.smoke:
         argv.append("--smoke")
+    if fields.linear_scaling:
+        argv.append("--linear-scaling")
     payload = {"call": "cli", "argv": argv, "data_root": fields.data_root, "task": kind.recipe.task,
                "opts": list(fields.opts), "multinode": res.nodes > 1}
     hashed = {"recipe": kind.recipe.name, "trial": k, "smoke": fields.smoke, "data_root": fields.data_root,
+              **({"linear_scaling": True} if fields.linear_scaling else {}),
               "opts": list(fields.opts), "gpus": res.gpus_per_node * res.nodes}
     return payload, hashed
 

@@ -111,7 +111,9 @@ def test_recipe_resolves_to_published_settings(recipe):
     assert m.RESNETS.NORM == "naiveSyncBN" and cfg.TEST.PRECISE_BN.ENABLED
     # schedule, sizes, data
     s = cfg.SOLVER
-    assert (s.IMS_PER_BATCH, s.BASE_LR, s.REFERENCE_WORLD_SIZE) == (16, 0.02, 8)
+    # the reference (Base-RCNN-C4-BN.yaml) does not rescale off 8 GPUs; --linear-scaling opts in
+    assert (s.IMS_PER_BATCH, s.BASE_LR, s.REFERENCE_WORLD_SIZE) == (16, 0.02, 0)
+    assert _cfg(recipe, linear_scaling=True).SOLVER.REFERENCE_WORLD_SIZE == 8
     assert (s.MAX_ITER, tuple(s.STEPS), s.WARMUP_ITERS) == (want["max_iter"], want["steps"], want["warmup"])
     assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == want["sizes"] and cfg.INPUT.MIN_SIZE_TEST == 800
     assert (tuple(cfg.DATASETS.TRAIN), tuple(cfg.DATASETS.TEST)) == (want["train"], want["test"])
@@ -125,11 +127,13 @@ def test_recipe_resolves_to_published_settings(recipe):
 
 
 @needs_d2
-def test_fewer_gpus_scale_batch_and_lr_linearly():
+def test_fewer_gpus_keep_the_reference_unless_linear_scaling_is_asked():
     from detectron2.engine import DefaultTrainer
 
-    cfg = DefaultTrainer.auto_scale_workers(_cfg("voc07-c4"), 4)  # what DefaultTrainer does on 4 GPUs
-    s = cfg.SOLVER
+    s = DefaultTrainer.auto_scale_workers(_cfg("voc07-c4"), 4).SOLVER  # what DefaultTrainer does on 4 GPUs
+    assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, tuple(s.STEPS), s.WARMUP_ITERS) == \
+        (16, 0.02, 24000, (18000, 22000), 100)
+    s = DefaultTrainer.auto_scale_workers(_cfg("voc07-c4", linear_scaling=True), 4).SOLVER
     assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, tuple(s.STEPS), s.WARMUP_ITERS) == \
         (8, 0.01, 48000, (36000, 44000), 200)
 

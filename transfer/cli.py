@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine-rank", type=int, default=0, help="rank of this machine in a multi-node job")
     p.add_argument("--dist-url", default="auto",
                    help="torch.distributed init URL; 'auto' = free local port (single machine only)")
+    p.add_argument("--linear-scaling", action="store_true",
+                   help="on fewer (or more) than 8 GPUs, keep 2 images per GPU and scale lr and iterations linearly "
+                        "off the 8-GPU reference (detectron2 REFERENCE_WORLD_SIZE 8); default: the reference's "
+                        "batch 16 and lr 0.02 at any GPU count")
     p.add_argument("--resume", action="store_true", help="resume from OUT/detectron2/last_checkpoint")
     p.add_argument("--force", action="store_true",
                    help="start afresh when --out holds another run: move the old folder aside to OUT.replaced-<time>")
@@ -134,7 +138,7 @@ def prepare(args: argparse.Namespace):
     start = now_iso()
     out = args.out.expanduser().resolve()
     identity = {"recipe": args.recipe, "weights": args.weights, "data_root": str(args.data_root), "trial": args.trial,
-                "smoke": args.smoke, "opts": list(args.opts)}
+                "smoke": args.smoke, "linear_scaling": args.linear_scaling, "opts": list(args.opts)}
     # --resume / --eval-only continue or re-evaluate the detectron2 run in OUT (detectron2's own workflow,
     # e.g. resume with a larger SOLVER.MAX_ITER): its overrides may change; the record keeps the final ones
     continuing = args.resume or args.eval_only
@@ -148,6 +152,7 @@ def prepare(args: argparse.Namespace):
                    checkpoint_md5=source["checkpoint_md5"], weights_format=source["format"],
                    model_opts=model_opts, trial=args.trial,
                    smoke=args.smoke, resume=args.resume, eval_only=args.eval_only, num_gpus=args.num_gpus,
+                   linear_scaling=args.linear_scaling,
                    opts=list(args.opts), run_id=held.run_id)
     try:
         cfg = build_cfg(spec)  # resolves the dataset names after --smoke and the opts

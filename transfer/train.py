@@ -46,6 +46,7 @@ class RunSpec:
     smoke: bool = False
     resume: bool = False
     eval_only: bool = False
+    linear_scaling: bool = False         # rescale batch, lr, iterations off the 8-GPU reference (REFERENCE_WORLD_SIZE 8)
     num_gpus: int = 0
     opts: list[str] = field(default_factory=list)
     classes: list[str] | None = None     # filled by the launcher after registering datasets
@@ -55,6 +56,9 @@ class RunSpec:
     def detectron2_dir(self) -> str:
         # detectron2 writes its own metrics.json (training events): keep it apart from ours
         return str(Path(self.out_dir) / "detectron2")
+
+
+REFERENCE_GPUS = 8  # the MoCo detection recipes' GPU count (batch 16 = 8 GPUs x 2 images, lr 0.02)
 
 
 def build_cfg(spec: RunSpec) -> CfgNode:
@@ -70,6 +74,7 @@ def build_cfg(spec: RunSpec) -> CfgNode:
         "MODEL.DEVICE", "cuda" if spec.num_gpus > 0 else "cpu",
         "OUTPUT_DIR", spec.detectron2_dir,
         "SEED", spec.trial,  # one deterministic seed per trial (VOC: mean of 5 trials)
+        "SOLVER.REFERENCE_WORLD_SIZE", REFERENCE_GPUS if spec.linear_scaling else 0,
         *spec.model_opts,
     ])
     if spec.classes is not None:
@@ -134,6 +139,8 @@ def _runner_config(spec: RunSpec, cfg: CfgNode) -> dict:
     return {**{k: v for k, v in asdict(spec).items() if k not in ("start",)},
             "world_size": comm.get_world_size(), "ims_per_batch": solver.IMS_PER_BATCH,
             "base_lr": solver.BASE_LR, "max_iter": solver.MAX_ITER, "steps": list(solver.STEPS),
+            "scaling": (f"linear from the {REFERENCE_GPUS}-GPU reference" if solver.REFERENCE_WORLD_SIZE else
+                        "none: the reference batch and lr at any GPU count"),
             "detectron2_config": str(Path(spec.detectron2_dir) / "config.yaml"),
             "detectron2": yaml.safe_load(cfg.dump())}
 
