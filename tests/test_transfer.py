@@ -123,6 +123,9 @@ def test_recipe_resolves_to_published_settings(recipe):
         assert m.BACKBONE.NAME == "build_resnet_backbone"
     else:
         assert m.BACKBONE.NAME == "build_resnet_fpn_backbone" and m.FPN.NORM == "naiveSyncBN"
+        box = m.ROI_BOX_HEAD  # Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml: 4conv1fc with norm, mask head with norm
+        assert (box.NAME, box.NUM_CONV, box.NUM_FC, box.NORM) == ("FastRCNNConvFCHead", 4, 1, "naiveSyncBN")
+        assert m.ROI_MASK_HEAD.NORM == "naiveSyncBN"
         assert m.ROI_HEADS.NAME == "StandardROIHeads"
 
 
