@@ -63,6 +63,9 @@ class SemisupConfig:
     out: str = option("runs/semisup", "run directory: metrics.json, per-cell results and checkpoints")
     subset: str = option("1pct", "1pct | 10pct: which SimCLR subset (sets the weight decay and, without a list, the size)")
     subset_list: str = option("", "SimCLR list file (1percent.txt / 10percent.txt); empty = make the subset from the data")
+    stand_in_subset: bool = option(False, "on ImageNet-sized data (>= 100k images or 1000 classes) allow a subset "
+                                          "made from the data instead of --subset-list (not comparable with "
+                                          "published numbers)")
     train_split: str = option("train", "split the subset is taken from")
     val_split: str = option("val", "evaluation split")
     epochs: int = option(20, "epochs per grid cell", at_least=1)
@@ -131,8 +134,17 @@ def build_datasets(cfg: SemisupConfig):
     root = datasets.dataset_root(cfg.data, "imagefolder")
     train = datasets.image_folder(root, cfg.train_split, train_transform(cfg.image_size))
     val = datasets.image_folder(root, cfg.val_split, eval_transform(cfg.resize, cfg.crop))
+    if not cfg.subset_list and (len(train) >= IMAGENET_SIZED[0] or len(train.classes) >= IMAGENET_SIZED[1]) \
+            and not cfg.stand_in_subset:
+        raise ConfigError(f"{root}: {len(train)} images in {len(train.classes)} classes and no --subset-list; the "
+                          "published 1%/10% numbers use SimCLR's 1percent.txt / 10percent.txt (google-research/"
+                          "simclr, imagenet_subsets/; one file name per line): pass --subset-list FILE, or "
+                          "--stand-in-subset for a subset drawn from the data (not comparable)")
     labelled = datasets.subset(train, cfg.subset_list or cfg.subset, seed=cfg.seed)
     return labelled, val
+
+
+IMAGENET_SIZED = (100_000, 1000)  # (images, classes) from which a stand-in subset needs --stand-in-subset
 
 
 # --- model and optimiser --------------------------------------------------------------------------------
@@ -289,7 +301,8 @@ def run(cfg: SemisupConfig) -> dict:
             print(f"{name}: top1 {cells[name]['top1']:.2f} top5 {cells[name]['top5']:.2f}", flush=True)
     metrics = grid_metrics(cells)
     metrics["details"] |= {"labelled_images": len(labelled), "subset_file": str(out / "subset.txt"),
-                           "subset_source": cfg.subset_list or f"made from the data (seed {cfg.seed})"}
+                           "subset_source": cfg.subset_list or f"made from the data (seed {cfg.seed})",
+                           "subset_protocol": "simclr-list" if cfg.subset_list else "stand-in"}
     if main_rank:
         report(cfg, "semisup", metrics, start, f"semisup: best {metrics['details']['best_cell']}: "
                f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", run_id=held.run_id)

@@ -160,10 +160,14 @@ def _record_benchmark(info: dict) -> str | None:
 
 
 def benchmark_name(stage: str, benchmark: str, config: dict) -> str:
-    """The table key of a record's benchmark: semisup splits by its label subset ("semisup-1pct")."""
+    """The table key of a record's benchmark: semisup splits by its label subset ("semisup-1pct"), and a
+    subset drawn from the data instead of SimCLR's list files is another protocol ("semisup-1pct-stand-in")."""
     if benchmark == "semisup" and config.get("subset"):
-        return f"semisup-{config['subset']}"
+        return f"semisup-{config['subset']}" + ("" if config.get("subset_list") else STAND_IN)
     return benchmark
+
+
+STAND_IN = "-stand-in"  # semisup on a seeded class-balanced subset, not SimCLR's 1percent/10percent.txt
 
 
 def load_record(path: Path, root: Path) -> Record:

@@ -2,6 +2,7 @@
 whole-network training, grid metrics, and end to end on the embedded demo data."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -152,3 +153,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("mocobench eval semisup: error:") and "nope" in err and "\n" not in err
     assert main(["semisup", "--checkpoint", "random:resnet18", "--subset", "2pct"]) == 2
     assert "subset must be one of" in capsys.readouterr().err
+
+
+def test_imagenet_sized_data_needs_the_simclr_list(monkeypatch, tmp_path):
+    """Without --subset-list, ImageNet-sized data is refused (the published numbers use SimCLR's files)
+    unless a stand-in is asked for; the threshold is lowered here so that a tiny folder counts."""
+    from mocobench.evaluate import semisup
+    from mocobench.core.errors import ConfigError
+    folder = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in range(3):
+            d = folder / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((8, 8, 3), 40 * c, dtype=np.uint8)).save(d / f"{c}_{i}.png")
+    monkeypatch.setattr(semisup, "IMAGENET_SIZED", (10, 1000))
+    cfg = semisup.SemisupConfig(data=str(folder), subset="10pct", workers=0)
+    with pytest.raises(ConfigError, match=r"12 images in 3 classes and no --subset-list.*1percent.txt.*simclr"):
+        semisup.build_datasets(cfg)
+    labelled, _ = semisup.build_datasets(semisup.SemisupConfig(data=str(folder), subset="10pct", workers=0,
+                                                               stand_in_subset=True))
+    assert len(labelled) == 3  # one image per class (at least one per class)

@@ -116,7 +116,7 @@ def zoo(tmp_path_factory):
             eval_run(base / "semisup1", "semisup", {"top1": 30.0 + seed, "top5": 60.0,
                                                     "grid/lr0.01_head100/top1": 30.0 + seed,
                                                     "grid/lr0.1_head1/top1": 20.0},
-                     ckpt=link["ckpt"], md5=link["md5"], config={"subset": "1pct"})
+                     ckpt=link["ckpt"], md5=link["md5"], config={"subset": "1pct", "subset_list": "1percent.txt"})
             if method == "v2" and seed == 0:  # MMSelfSup multi-head run: Feature1..5
                 eval_run(base / "multihead", "linear_multihead",
                          {f"feature{i}/top1": 10.0 * i for i in range(1, 6)}, ckpt=link["ckpt"], md5=link["md5"])
@@ -391,3 +391,19 @@ def test_random_init_baseline_is_a_labelled_row_listed_last(tmp_path):
     knn = g.frame[(g.frame["benchmark"] == "knn") & (g.frame["metric"] == "k20/top1")]
     assert list(knn["model"]) == ["v2", "random init (baseline)", "random init resnet50 (baseline)"]
     assert list(knn["value"]) == [61.0, 12.0, 11.0]
+
+
+def test_stand_in_semisup_subsets_are_their_own_columns_without_published_numbers(tmp_path):
+    ckpt = pretrain_run(tmp_path / "v2" / "pretrain", {**V2, "epochs": 200}, md5=md5_of("b"))
+    for name, config in (("listed", {"subset": "1pct", "subset_list": "1percent.txt"}),
+                         ("made", {"subset": "1pct", "subset_list": ""})):
+        eval_run(tmp_path / "v2" / name, "semisup", {"top1": 40.0 if name == "listed" else 55.0, "top5": 70.0},
+                 ckpt=ckpt, md5=md5_of("b"), config=config)
+    g = gather(tmp_path, progress=False)
+    assert set(g.frame["benchmark"]) == {"moco", "semisup-1pct", "semisup-1pct-stand-in"}
+    table = semisup_table(g.frame)
+    md = table.to_markdown()
+    assert "1% top-1 (stand-in)" in md and "stand-in: a seeded class-balanced subset" in md
+    row = table.frame.iloc[0]
+    assert row["1% top-1"] == 40.0 and row["1% top-1 (stand-in)"] == 55.0
+    assert row["1% top-1 published"] == 39.07 and np.isnan(row["1% top-1 (stand-in) published"])
