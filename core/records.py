@@ -9,6 +9,11 @@ Schema (all plain JSON):
               epoch are read from the checkpoint (a mocobench pretrain's; null for other formats): this is
               how `results` links an evaluation to the pretrain run that made its checkpoint
   metrics     {name: number | list | dict}   (flat numbers are what tables read)
+  protocol    "name@version" of the evaluation protocol the numbers were made with (evaluate/protocols.py),
+              "<evaluator>/custom" when the config matches none; null for pretraining
+  provenance  what makes the number reproducible: layer, image transform, searched grid and chosen
+              values, batch, world size, seed, subset-file md5 (evaluate/report.py)
+  environment torch, CUDA, GPU, CPU model, Python of the machine that made it
   config      the resolved stage config
   start, end  ISO-8601 UTC times;  host;  git_sha (null outside a checkout)
 """
@@ -17,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import pickle
+import platform
+import re
 import socket
 import subprocess
 import uuid
@@ -76,6 +82,31 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict:
+    """torch / CUDA / GPU / CPU / Python of this machine (torch only when already imported: `results` and
+    sweeps write no records)."""
+    import sys
+    torch = sys.modules.get("torch")
+    env = {"python": platform.python_version(), "cpu": cpu_model(), "cpus": os.cpu_count()}
+    if torch is not None:
+        env["torch"] = torch.__version__
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -90,17 +121,18 @@ def _jsonable(x: Any) -> Any:
 
 def write_metrics(out_dir: str | Path, *, stage: str, benchmark: str, metrics: dict, config: dict,
                   start: str, checkpoint: str | Path | None = None, checkpoint_md5: str | None = None,
-                  run_id: str | None = None) -> Path:
-    """Write `out_dir/metrics.json` atomically and return its path (`run_id`: a pretrain's own id)."""
+                  run_id: str | None = None, protocol: str | None = None, provenance: dict | None = None) -> Path:
+    """Write `out_dir/metrics.json` atomically and return its path (`run_id`: the run's claim)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = None
     if checkpoint is not None:
         ckpt = {"path": str(Path(checkpoint).resolve()), "md5": checkpoint_md5 or file_md5(checkpoint),
                 **checkpoint_identity(checkpoint)}
-    record = {"stage": stage, "benchmark": benchmark, "run_id": run_id or new_run_id(), "checkpoint": ckpt, "metrics": _jsonable(metrics),
-              "config": _jsonable(config), "start": start, "end": now_iso(), "host": socket.gethostname(),
-              "git_sha": git_sha()}
+    record = {"stage": stage, "benchmark": benchmark, "run_id": run_id or new_run_id(), "checkpoint": ckpt,
+              "metrics": _jsonable(metrics), "protocol": protocol, "provenance": _jsonable(provenance or {}),
+              "environment": environment(), "config": _jsonable(config), "start": start, "end": now_iso(),
+              "host": socket.gethostname(), "git_sha": git_sha()}
     path = out / "metrics.json"
     tmp = path.with_name(f".metrics.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=2, allow_nan=True))

@@ -12,7 +12,14 @@ from mocobench.core.knn import knn_accuracy, nearest_neighbours, weighted_votes 
 from mocobench.core.records import now_iso
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
+from mocobench.evaluate.protocols import Protocol
 from mocobench.evaluate.report import claim_out, report
+
+
+NAMED_PROTOCOLS = (  # evaluate/protocols.py
+    Protocol("knn/mmselfsup", 1, {"ks": [10, 20, 100, 200], "temperature": 0.07, "image_transform": "center_crop"},
+             "MMSelfSup tools/benchmarks/classification/knn_imagenet/test_knn.py (weighted kNN of InstDisc)"),
+)
 
 
 @dataclass
@@ -41,5 +48,5 @@ def run(cfg: KNNConfig) -> dict:
                           "dim": int(fs.train_feats.shape[1]),
                           **({"capped_k": f"k > {len(fs.train_feats)} train samples used all of them"} if capped else {})}
     summary = "knn: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "details")
-    report(cfg, "knn", metrics, start, summary, fs.meta.get("checkpoint_key"), held.run_id)
+    report(cfg, "knn", metrics, start, summary, fs.meta.get("checkpoint_key"), held.run_id, NAMED_PROTOCOLS, "knn")
     return metrics

@@ -46,6 +46,7 @@ from mocobench.evaluate import datasets
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
 from mocobench.evaluate.layers import LayerFeatures, check_layer, load_frozen_backbone
+from mocobench.evaluate.protocols import Protocol
 from mocobench.evaluate.report import check_checkpoint, claim_out, report
 
 MODES = ("lincls", "multihead", "fast")
@@ -57,6 +58,15 @@ PROTOCOLS = {
 }
 PROTOCOLS["fast"] = dict(PROTOCOLS["lincls"])
 BENCHMARK = {"lincls": "linear", "multihead": "linear_multihead", "fast": "linear_fast"}
+NAMED_PROTOCOLS = (  # evaluate/protocols.py
+    Protocol("linear/moco", 1, {"mode": "lincls", **PROTOCOLS["lincls"], "batch_size": 256, "momentum": 0.9},
+             "facebookresearch/moco main_lincls.py"),
+    Protocol("linear/mmselfsup-multihead", 1,
+             {"mode": "multihead", **PROTOCOLS["multihead"], "batch_size": 256, "momentum": 0.9},
+             "MMSelfSup configs/benchmarks/classification/imagenet/resnet50_mhead_linear-8xb32-steplr-90e_in1k.py"),
+    Protocol("linear/fast-proxy", 1, {"mode": "fast"},
+             "mocobench: main_lincls.py's recipe on cached center-crop features (a proxy, no published protocol)"),
+)
 MULTIHEAD_LAYERS = ["feature1", "feature2", "feature3", "feature4", "feature5"]
 
 
@@ -329,7 +339,8 @@ def run_images(cfg: LinearConfig, held: Claim) -> dict:
     metrics["details"] = {"history": history, "best": best, "backbone_unchanged": True}
     if main_rank:
         report(cfg, BENCHMARK[cfg.mode], metrics, start,
-               f"linear ({cfg.mode}): " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()), run_id=held.run_id)
+               f"linear ({cfg.mode}): " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()), run_id=held.run_id,
+               protocols=NAMED_PROTOCOLS, family="linear")
     return metrics
 
 
@@ -388,7 +399,8 @@ def run_fast(cfg: LinearConfig, held: Claim) -> dict:
                "details": {"features": str(path), "proxy": "fast mode: cached center-crop features, no augmentation; "
                            "not the main_lincls.py protocol"}}
     summary = f"linear (fast, proxy): top1 {acc['top1']:.2f} top5 {acc['top5']:.2f} on {path}"
-    report(cfg, BENCHMARK[cfg.mode], metrics, start, summary, fs.meta.get("checkpoint_key"), held.run_id)
+    report(cfg, BENCHMARK[cfg.mode], metrics, start, summary, fs.meta.get("checkpoint_key"), held.run_id,
+           NAMED_PROTOCOLS, "linear")
     return metrics
 
 

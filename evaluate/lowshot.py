@@ -38,11 +38,21 @@ from mocobench.core.records import now_iso
 from mocobench.evaluate.ap import voc_ap
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features, write_npz
+from mocobench.evaluate.protocols import Protocol
 from mocobench.evaluate.report import claim_out, peak_rss_mb, report
-from mocobench.evaluate.svm import SVMSolverOptions, as_multilabel, class_names_of, solver_details
+from mocobench.evaluate.svm import (MMSELFSUP_COSTS, VISSL_COSTS, SVMSolverOptions, as_multilabel, class_names_of,
+                                    solver_details)
 from mocobench.evaluate.svm_process import configure_svm_process
 
 K_VALUES = (1, 2, 4, 8, 16, 32, 64, 96)
+_LOWSHOT = dict(layer="voc_svm", image_transform="square", samples=5, selection="test", normalize=True)
+NAMED_PROTOCOLS = (  # evaluate/protocols.py; the k list only selects which k are reported
+    Protocol("lowshot/vissl", 1, {**_LOWSHOT, "costs": list(VISSL_COSTS)},
+             "VISSL eval_resnet_8gpu_transfer_voc07_low_shot_svm.yaml, svm_low_shot_trainer.py, "
+             "extra_scripts/create_low_shot_samples.py"),
+    Protocol("lowshot/mmselfsup", 1, {**_LOWSHOT, "costs": list(MMSELFSUP_COSTS)},
+             "MMSelfSup tools/benchmarks/classification/svm_voc07/eval_svm_lowshot.sh"),
+)
 
 
 @dataclass
@@ -213,5 +223,6 @@ def run(cfg: LowShotConfig) -> dict:
         "samples_file": str(samples_path), "seconds": res.seconds, "peak_rss_mb": rss, "solver": res.solver}
     line = ("lowshot: " + ", ".join(f"k{k} {row['mean']:.2f}±{row['std']:.2f}" for k, row in summary.items())
             + f" ({cfg.selection}-selected cost, {res.seconds:.1f}s, peak RSS {rss:.0f} MiB)")
-    report(cfg, "lowshot", metrics, start, line, fs.meta.get("checkpoint_key"), held.run_id)
+    report(cfg, "lowshot", metrics, start, line, fs.meta.get("checkpoint_key"), held.run_id, NAMED_PROTOCOLS,
+           "lowshot")
     return metrics

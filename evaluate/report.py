@@ -13,8 +13,9 @@ from pathlib import Path
 from mocobench.checkpoints.random_init import parse_random_spec
 from mocobench.core.config import to_dict
 from mocobench.core.errors import CheckpointError
-from mocobench.core.records import write_metrics
+from mocobench.core.records import file_md5, write_metrics
 from mocobench.core.run_folder import Claim, claim
+from mocobench.evaluate.protocols import Protocol, protocol_of
 
 
 def claim_out(cfg, benchmark: str) -> Claim:
@@ -44,16 +45,40 @@ def peak_rss_mb() -> dict[str, float]:
             "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale}
 
 
+GRID_KEYS = ("costs", "ks", "temperature", "lrs", "head_mults", "k_values", "samples", "selection", "epochs", "lr",
+             "schedule", "weight_decay", "mode", "layers")
+CHOSEN_KEYS = ("chosen_cost", "best_cell", "best")
+
+
+def provenance(config: dict, metrics: dict, protocol: str) -> dict:
+    """The fingerprint of a result (core/records.py): protocol, layer, image transform, the searched grid and
+    the values it chose, batch, world size, seed, subset-file md5."""
+    details = metrics.get("details") or {}
+    out = {"protocol": protocol, "layer": config.get("layer"),
+           "image_transform": {k: config[k] for k in ("image_transform", "resize", "crop", "image_size") if k in config},
+           "grid": {k: config[k] for k in GRID_KEYS if k in config},
+           "chosen": {k: details[k] for k in CHOSEN_KEYS if k in details},
+           "batch_size": config.get("batch_size"), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+           "seed": config.get("seed")}
+    if config.get("subset_list") and Path(config["subset_list"]).is_file():
+        out["subset_file_md5"] = file_md5(config["subset_list"])
+    return out
+
+
 def report(cfg, benchmark: str, metrics: dict, start: str, summary: str, checkpoint_md5: str | None = None,
-           run_id: str | None = None) -> Path:
+           run_id: str | None = None, protocols: tuple[Protocol, ...] = (), family: str | None = None) -> Path:
     """Write `cfg.out`/metrics.json for an evaluator run and print `summary -> <that path>`.
 
     The record names `cfg.checkpoint` when it is a file (with `checkpoint_md5` when the caller knows it,
     e.g. the feature cache key, else the file's md5); a random:ARCH spec or a run on a features file alone
-    records no checkpoint. `run_id`: the run's claim (`claim_out`). Returns the path of metrics.json."""
+    records no checkpoint. `run_id`: the run's claim (`claim_out`). `protocols`: the evaluator's named
+    protocols; the record names the one the config matches (`family/custom` if none) and its provenance.
+    Returns the path of metrics.json."""
     ckpt = cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).is_file() else None
-    path = write_metrics(cfg.out, stage="eval", benchmark=benchmark, metrics=metrics, config=to_dict(cfg),
+    config = to_dict(cfg)
+    protocol = protocol_of(config, protocols, family or benchmark) if protocols else None
+    path = write_metrics(cfg.out, stage="eval", benchmark=benchmark, metrics=metrics, config=config,
                          start=start, checkpoint=ckpt, checkpoint_md5=checkpoint_md5 if ckpt else None,
-                         run_id=run_id)
+                         run_id=run_id, protocol=protocol, provenance=provenance(config, metrics, protocol))
     print(f"{summary} -> {path}", flush=True)
     return path

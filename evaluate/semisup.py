@@ -50,9 +50,17 @@ from mocobench.core.records import now_iso
 from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from mocobench.evaluate import datasets
 from mocobench.evaluate.linear import topk_correct
+from mocobench.evaluate.protocols import Protocol
 from mocobench.evaluate.report import check_checkpoint, claim_out, report
 
 WEIGHT_DECAY = {"1pct": 5e-4, "10pct": 1e-4}  # MMSelfSup imagenet_1percent / imagenet_10percent configs
+
+
+NAMED_PROTOCOLS = (  # evaluate/protocols.py; 1% / 10% (and SimCLR list vs stand-in) are told by the benchmark name
+    Protocol("semisup/mmselfsup", 1, {"epochs": 20, "lrs": [0.1, 0.01, 0.001], "head_mults": [1, 10, 100],
+                                      "schedule": [12, 16], "gamma": 0.2, "momentum": 0.9, "batch_size": 256},
+             "MMSelfSup configs/benchmarks/classification/imagenet/imagenet_1percent/, imagenet_10percent/"),
+)
 
 
 @dataclass
@@ -305,5 +313,6 @@ def run(cfg: SemisupConfig) -> dict:
                            "subset_protocol": "simclr-list" if cfg.subset_list else "stand-in"}
     if main_rank:
         report(cfg, "semisup", metrics, start, f"semisup: best {metrics['details']['best_cell']}: "
-               f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", run_id=held.run_id)
+               f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}", run_id=held.run_id,
+               protocols=NAMED_PROTOCOLS, family="semisup")
     return metrics

@@ -33,6 +33,7 @@ from mocobench.core.records import now_iso
 from mocobench.evaluate.ap import step_ap, voc_ap
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
+from mocobench.evaluate.protocols import Protocol
 from mocobench.evaluate.report import claim_out, peak_rss_mb, report
 from mocobench.evaluate.svm_problem import l2_normalize
 from mocobench.evaluate.svm_process import configure_svm_process
@@ -40,6 +41,15 @@ from mocobench.evaluate.svm_reference import SKLEARN_MAX_ITER
 from mocobench.evaluate.svm_solver import PRECISIONS, make_solver
 
 VISSL_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
+MMSELFSUP_COSTS = (1.0, 10.0, 100.0)  # MMSelfSup/OpenSelfSup svm_voc07 eval_svm_full.sh / eval_svm_lowshot.sh
+_VOC07 = dict(layer="voc_svm", image_transform="resize", folds=3, normalize=True)
+NAMED_PROTOCOLS = (  # evaluate/protocols.py; image sizes scale with the data and are recorded in provenance
+    Protocol("voc07-svm/vissl", 1, {**_VOC07, "costs": list(VISSL_COSTS)},
+             "VISSL configs/config/benchmark/linear_image_classification/voc07/eval_resnet_8gpu_transfer_voc07_svm.yaml, "
+             "vissl/utils/svm_utils/svm_trainer.py"),
+    Protocol("voc07-svm/mmselfsup", 1, {**_VOC07, "costs": list(MMSELFSUP_COSTS)},
+             "MMSelfSup tools/benchmarks/classification/svm_voc07/ (extract_info/voc07.py, eval_svm_full.sh)"),
+)
 
 
 @dataclass
@@ -243,5 +253,5 @@ def run(cfg: SVMConfig) -> dict:
         "seconds": res.seconds, "peak_rss_mb": rss, "solver": res.solver}
     line = (f"svm: mAP {metrics['mAP']:.2f} over {num_classes} classes ({cfg.solver} solver, "
             f"{res.seconds['total']:.1f}s, peak RSS {rss:.0f} MiB)")
-    report(cfg, "svm", metrics, start, line, fs.meta.get("checkpoint_key"), held.run_id)
+    report(cfg, "svm", metrics, start, line, fs.meta.get("checkpoint_key"), held.run_id, NAMED_PROTOCOLS, "voc07-svm")
     return metrics

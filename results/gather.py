@@ -34,7 +34,7 @@ from mocobench.results import published
 
 TIDY_COLUMNS = ["checkpoint", "variant", "benchmark", "metric", "trial", "value"]
 RUN_COLUMNS = ["model", "method", "official", "arch", "epochs", "setting", "stage", "run", "link",
-               "ckpt_md5", "ckpt_path", "mlp", "aug_plus", "cos", "layer", "status"]
+               "ckpt_md5", "ckpt_path", "mlp", "aug_plus", "cos", "layer", "status", "protocol"]
 BASELINE_LINK = "baseline"  # Ident.link of a random-init baseline (listed after the models it is compared with)
 ANY_METRIC = "*"  # the metric of a placeholder row: a stage of this model and benchmark has no result (status)
 # Config fields that never distinguish variants: seeds, paths, logging, pure speed switches.
@@ -57,6 +57,7 @@ class Record:
     run_id: str | None = None         # the record's own run (a pretrain's id is in its checkpoints)
     ckpt_run_id: str | None = None    # the pretrain run that wrote the evaluated checkpoint
     ckpt_epoch: int | None = None     # epochs done by the evaluated checkpoint
+    protocol: str | None = None       # evaluate/protocols.py name@version; None for pretraining
 
 
 @dataclass
@@ -192,7 +193,8 @@ def load_record(path: Path, root: Path) -> Record:
                   benchmark=benchmark_name(str(rec["stage"]), str(rec["benchmark"]), config),
                   metrics=flat_numbers(rec["metrics"]), config=config,
                   ckpt_path=ckpt.get("path"), ckpt_md5=ckpt.get("md5"), stage_info=stage_info,
-                  run_id=rec.get("run_id"), ckpt_run_id=ckpt.get("run_id"), ckpt_epoch=ckpt.get("epoch"))
+                  run_id=rec.get("run_id"), ckpt_run_id=ckpt.get("run_id"), ckpt_epoch=ckpt.get("epoch"),
+                  protocol=rec.get("protocol"))
 
 
 def _fmt_value(v) -> str:
@@ -360,7 +362,7 @@ def gather(root: str | Path, strict: bool = False, progress: bool = True) -> Gat
                 "official": ident.official, "arch": ident.arch, "epochs": ident.epochs, "setting": ident.setting,
                 "stage": rec.stage, "run": rec.run, "link": ident.link, "ckpt_md5": rec.ckpt_md5,
                 "ckpt_path": rec.ckpt_path, **{k: ident.flags.get(k) for k in ("mlp", "aug_plus", "cos")},
-                "layer": rec.config.get("layer", rec.config.get("feature"))}
+                "layer": rec.config.get("layer", rec.config.get("feature")), "protocol": rec.protocol}
         for metric, value in rec.metrics.items():
             rows.append({**base, "metric": metric, "value": value})
     unfinished = unfinished_stages(root)
@@ -394,7 +396,7 @@ def population_std(values) -> float:
     return float(arr.std()) if arr.size else float("nan")
 
 
-AGG_KEYS = ["model", "benchmark", "metric"]
+AGG_KEYS = ["model", "benchmark", "protocol", "metric"]  # two protocols never share a mean
 
 
 def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
@@ -411,8 +413,10 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
         agg = grouped["value"].agg(mean="mean", std=lambda v: population_std(v), n="count", min="min", max="max")
         first = grouped[["variant", "method", "official", "arch", "epochs", "setting"]].first()
     agg = first.join(agg).reset_index()
-    refs = [published.lookup(b, m, o if isinstance(o, str) else None, None if pd.isna(e) else int(e))
-            for b, m, o, e in zip(agg["benchmark"], agg["metric"], agg["official"], agg["epochs"])]
+    refs = [published.lookup(b, m, o if isinstance(o, str) else None, None if pd.isna(e) else int(e),
+                             p if isinstance(p, str) else None)
+            for b, m, o, e, p in zip(agg["benchmark"], agg["metric"], agg["official"], agg["epochs"],
+                                     agg["protocol"])]
     agg["published"] = [r.value if r else np.nan for r in refs]
     agg["published_std"] = [r.std if r and r.std is not None else np.nan for r in refs]
     agg["diff"] = agg["mean"] - agg["published"]

@@ -39,53 +39,59 @@ class Ref:
     source: str
     std: float | None = None
     trials: tuple[float, ...] = ()
+    protocol: str | None = None  # the evaluation protocol that made it (evaluate/protocols.py); None: pretraining
 
 
 def _refs() -> list[Ref]:
     out: list[Ref] = []
 
-    def add(benchmark, method, epochs, source, **metrics):
+    def add(benchmark, method, epochs, source, protocol=None, **metrics):
         for metric, value in metrics.items():
-            out.append(Ref(benchmark, metric.replace("__", "/"), method, epochs, value, source))
+            out.append(Ref(benchmark, metric.replace("__", "/"), method, epochs, value, source, protocol=protocol))
 
     # Official README: 5 trials of pretraining + linear classification, mean±std (population std, ddof=0:
     # np.std of the listed trials rounds to the printed 0.2 / 0.1, sample std would give 0.2 / 0.2).
     v1_trials, v2_trials = (60.6, 60.6, 60.7, 60.9, 61.1), (67.7, 67.6, 67.4, 67.6, 67.3)
-    out.append(Ref("linear", "top1", "v1", 200, 60.8, "moco-readme", 0.2, v1_trials))
-    out.append(Ref("linear", "top1", "v2", 200, 67.5, "moco-readme", 0.1, v2_trials))
-    out.append(Ref("linear", "top1", "v2", 800, 71.1, "moco-readme"))  # the released 800-epoch model
+    lincls = "linear/moco@1"
+    out.append(Ref("linear", "top1", "v1", 200, 60.8, "moco-readme", 0.2, v1_trials, lincls))
+    out.append(Ref("linear", "top1", "v2", 200, 67.5, "moco-readme", 0.1, v2_trials, lincls))
+    out.append(Ref("linear", "top1", "v2", 800, 71.1, "moco-readme", protocol=lincls))  # the released 800-epoch model
     add("moco", "v1", 200, "moco-readme", hours=53.0)  # 8 V100, pretraining time
     add("moco", "v2", 200, "moco-readme", hours=53.0)
 
     # Detection README: VOC07+12 trainval -> VOC07 test, R50-C4, 24k iterations.
-    add("voc07-c4", "v1", 200, "moco-detection", AP50=81.5, AP=55.9, AP75=62.6)
-    add("voc07-c4", "v2", 200, "moco-detection", AP50=82.4, AP=57.0, AP75=63.6)
-    add("voc07-c4", "v2", 800, "moco-detection", AP50=82.5, AP=57.4, AP75=64.0)
+    d2 = "detectron2/voc07-c4@1"
+    add("voc07-c4", "v1", 200, "moco-detection", d2, AP50=81.5, AP=55.9, AP75=62.6)
+    add("voc07-c4", "v2", 200, "moco-detection", d2, AP50=82.4, AP=57.0, AP75=63.6)
+    add("voc07-c4", "v2", 800, "moco-detection", d2, AP50=82.5, AP=57.4, AP75=64.0)
 
     # OpenSelfSup model zoo (200-epoch r50_v1 / r50_v2).
-    add("svm", "v1", 200, "openselfsup", mAP=79.18)
-    add("svm", "v2", 200, "openselfsup", mAP=84.26)
+    # OpenSelfSup's SVMs: costs 1, 10, 100 (eval_svm_full.sh / eval_svm_lowshot.sh), not VISSL's 11
+    add("svm", "v1", 200, "openselfsup", "voc07-svm/mmselfsup@1", mAP=79.18)
+    add("svm", "v2", 200, "openselfsup", "voc07-svm/mmselfsup@1", mAP=84.26)
     lowshot = {"v1": (30.03, 37.73, 47.64, 58.78, 66.0, 70.6, 74.6, 76.07),
                "v2": (43.0, 52.48, 63.43, 71.74, 76.35, 78.9, 81.31, 82.45)}
     for method, values in lowshot.items():
         for k, v in zip(LOWSHOT_K, values):
-            out.append(Ref("lowshot", f"k{k}/mAP_mean", method, 200, v, "openselfsup"))
-    add("linear", "v1", 200, "openselfsup", feature1__top1=15.32, feature2__top1=33.08, feature3__top1=44.68,
+            out.append(Ref("lowshot", f"k{k}/mAP_mean", method, 200, v, "openselfsup", protocol="lowshot/mmselfsup@1"))
+    mhead = "linear/mmselfsup-multihead@1"
+    add("linear", "v1", 200, "openselfsup", mhead, feature1__top1=15.32, feature2__top1=33.08, feature3__top1=44.68,
         feature4__top1=57.27, feature5__top1=60.60, avgpool__top1=61.02)
-    add("linear", "v2", 200, "mmselfsup-mocov2", feature1__top1=15.96, feature2__top1=34.22,
+    add("linear", "v2", 200, "mmselfsup-mocov2", mhead, feature1__top1=15.96, feature2__top1=34.22,
         feature3__top1=45.78, feature4__top1=61.11, feature5__top1=66.24, avgpool__top1=67.56)
-    add("semisup-1pct", "v1", 200, "openselfsup", top1=33.15, top5=61.30)
-    add("semisup-10pct", "v1", 200, "openselfsup", top1=60.08, top5=84.02)
-    add("semisup-1pct", "v2", 200, "openselfsup", top1=39.07, top5=68.31)
-    add("semisup-10pct", "v2", 200, "openselfsup", top1=61.80, top5=85.11)
+    add("semisup-1pct", "v1", 200, "openselfsup", "semisup/mmselfsup@1", top1=33.15, top5=61.30)
+    add("semisup-10pct", "v1", 200, "openselfsup", "semisup/mmselfsup@1", top1=60.08, top5=84.02)
+    add("semisup-1pct", "v2", 200, "openselfsup", "semisup/mmselfsup@1", top1=39.07, top5=68.31)
+    add("semisup-10pct", "v2", 200, "openselfsup", "semisup/mmselfsup@1", top1=61.80, top5=85.11)
     # COCO Mask R-CNN R50-C4 2x with the MoCo detectron2 protocol (coco_R_50_C4_2x_moco.yaml).
-    add("coco-c4-2x", "v1", 200, "openselfsup", bbox__AP=40.9, bbox__AP50=60.5, bbox__AP75=44.2,
+    add("coco-c4-2x", "v1", 200, "openselfsup", "detectron2/coco-c4-2x@1", bbox__AP=40.9, bbox__AP50=60.5, bbox__AP75=44.2,
         segm__AP=35.5, segm__AP50=57.1, segm__AP75=37.7)
-    add("coco-c4-2x", "v2", 200, "openselfsup", bbox__AP=41.0, bbox__AP50=60.6, bbox__AP75=44.5,
+    add("coco-c4-2x", "v2", 200, "openselfsup", "detectron2/coco-c4-2x@1", bbox__AP=41.0, bbox__AP50=60.6, bbox__AP75=44.5,
         segm__AP=35.6, segm__AP50=57.2, segm__AP75=38.0)
     # MMDetection R50-FPN multi-scale 2x (our coco-fpn-2x is also multi-scale 2x). Its single-scale 1x row is
     # deliberately not matched to our multi-scale coco-fpn-1x.
-    add("coco-fpn-2x", "v2", 800, "mmdet-selfsup", bbox__AP=40.8, segm__AP=36.8)
+    # MMDetection's own training protocol, not a mocobench recipe: shown next to no measured result
+    add("coco-fpn-2x", "v2", 800, "mmdet-selfsup", "mmdetection/mask-rcnn_r50_fpn_ms-2x", bbox__AP=40.8, segm__AP=36.8)
     return out
 
 
@@ -94,11 +100,14 @@ _INDEX: dict[tuple[str, str, str, int], Ref] = {(r.benchmark, r.metric, r.method
 assert len(_INDEX) == len(REFERENCES), "duplicate published reference"
 
 
-def lookup(benchmark: str, metric: str, method: str | None, epochs: int | None) -> Ref | None:
-    """The published number for this benchmark/metric/method/epochs, or None."""
+def lookup(benchmark: str, metric: str, method: str | None, epochs: int | None,
+           protocol: str | None = None) -> Ref | None:
+    """The published number for this benchmark/metric/method/epochs made with `protocol`, or None: a number of
+    another protocol is never returned (None = pretraining, which has no evaluation protocol)."""
     if method is None or epochs is None:
         return None
-    return _INDEX.get((benchmark, metric, method, int(epochs)))
+    ref = _INDEX.get((benchmark, metric, method, int(epochs)))
+    return ref if ref is not None and ref.protocol == protocol else None
 
 
 # Released checkpoints of the official README (md5 prefix -> method, epochs, top-1 of that checkpoint).

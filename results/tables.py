@@ -152,19 +152,25 @@ def _official(group: pd.DataFrame) -> tuple[str | None, int | None]:
 
 def family_table(frame: pd.DataFrame, name: str, title: str, benchmarks: list[str], cols: list[Col],
                  per_benchmark: bool = False, extra: dict | None = None, notes: list[str] | None = None) -> Table:
-    """One row per model (or per model × benchmark), one group of columns per Col, mean±std over trials."""
+    """One row per model and protocol (or per model × benchmark × protocol), one group of columns per Col,
+    mean±std over trials; published numbers only where the row's protocol is the one they were made with."""
     sub = frame[frame["benchmark"].isin(benchmarks)]
     wanted = {c.metric for c in cols}
     sub = sub[sub["metric"].isin(wanted) | (sub["metric"] == ANY_METRIC)]
-    ids = ["Model"] + (["Benchmark"] if per_benchmark else []) + list((extra or {}).keys())
+    with_protocol = bool(sub["protocol"].notna().any())
+    ids = ["Model"] + (["Benchmark"] if per_benchmark else []) + (["Protocol"] if with_protocol else []) \
+        + list((extra or {}).keys())
     rows = []
-    keys = ["model", "benchmark"] if per_benchmark else ["model"]
-    for key, group in sub.groupby(keys, sort=False):
+    keys = (["model", "benchmark"] if per_benchmark else ["model"]) + ["protocol"]
+    for key, group in sub.groupby(keys, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         official, epochs = _official(group)
+        protocol = key[-1] if isinstance(key[-1], str) else None
         row = {"Model": key[0]}
         if per_benchmark:
             row["Benchmark"] = key[1]
+        if with_protocol:
+            row["Protocol"] = protocol or DASH
         for label, fn in (extra or {}).items():
             row[label] = fn(group)
         for c in cols:
@@ -175,7 +181,7 @@ def family_table(frame: pd.DataFrame, name: str, title: str, benchmarks: list[st
                 if len(v):
                     values, bench = v, b
                     break
-            ref = published.lookup(c.ref or bench, c.metric, official, epochs)
+            ref = published.lookup(c.ref or bench, c.metric, official, epochs, protocol)
             _put(row, c.label, _cell(values["value"], ref))
             if not len(values):  # no value: a stage of this model and benchmark without a result?
                 marks = group[(group["metric"] == ANY_METRIC) & group["benchmark"].isin(candidates)]["status"]
@@ -204,11 +210,12 @@ def readme_table(frame: pd.DataFrame) -> Table:
     methods = sorted(lin["method"].unique(), key=lambda m: (m not in METHOD_LABEL, m))
     cols = [Col("pre-train time (h)", "hours", ("moco",), 1)]
     cols += [Col(f"{METHOD_LABEL.get(m, m)} top-1", "top1", ("linear",), 1) for m in methods]
-    ids = ["Arch", "Setting", "pre-train epochs"]
+    ids = ["Arch", "Setting", "pre-train epochs", "Protocol"]
     rows = []
-    keys = ["arch", "setting", "epochs"]
-    for (arch, setting, epochs), group in lin.groupby(keys, sort=True, dropna=False):
-        row = {"Arch": arch, "Setting": setting or DASH, "pre-train epochs": epochs}
+    keys = ["arch", "setting", "epochs", "protocol"]
+    for (arch, setting, epochs, protocol), group in lin.groupby(keys, sort=True, dropna=False):
+        protocol = protocol if isinstance(protocol, str) else None
+        row = {"Arch": arch, "Setting": setting or DASH, "pre-train epochs": epochs, "Protocol": protocol or DASH}
         hours = pre[(pre["arch"] == arch) & (pre["setting"] == setting) & (pre["epochs"] == epochs)]
         officials = group["official"].dropna().unique()
         time_ref = published.lookup("moco", "hours", officials[0], epochs) if len(officials) else None
@@ -216,7 +223,7 @@ def readme_table(frame: pd.DataFrame) -> Table:
         for m, col in zip(methods, cols[1:]):
             g = group[group["method"] == m]
             official, _ = _official(g) if len(g) else (None, None)
-            _put(row, col.label, _cell(g["value"], published.lookup("linear", "top1", official, epochs)))
+            _put(row, col.label, _cell(g["value"], published.lookup("linear", "top1", official, epochs, protocol)))
         rows.append(row)
     df = pd.DataFrame(rows, columns=ids + _empty_cols(cols))
     notes = ["Top-1: ImageNet-protocol linear classification on frozen features, mean±std (ddof=0) over "

@@ -249,6 +249,12 @@ def test_demo_end_to_end(checkpoints, which, tmp_path):
     for k in (20, 200):
         assert 0.0 <= rec["metrics"][f"k{k}/top1"] <= rec["metrics"][f"k{k}/top5"] <= 100.0
     assert (rec["checkpoint"] is not None) == (which == "pretrained")
+    # the fingerprint: protocol (the demo preset keeps MMSelfSup's k and T), transform, grid, environment
+    assert rec["protocol"] == "knn/mmselfsup@1"
+    prov = rec["provenance"]
+    assert prov["image_transform"] == {"image_transform": "center_crop", "resize": 36, "crop": 32}
+    assert prov["grid"]["ks"] == [10, 20, 100, 200] and prov["layer"] == "avgpool" and prov["world_size"] == 1
+    assert rec["environment"]["torch"] == torch.__version__ and rec["environment"]["cpu"]
     if which == "pretrained":  # the record names the pretrain run that made the checkpoint, by its id
         pretrain = read_metrics(Path(ckpt).parent / "metrics.json")
         assert (rec["checkpoint"]["run_id"], rec["checkpoint"]["epoch"]) == (pretrain["run_id"], 1)

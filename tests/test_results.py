@@ -65,9 +65,16 @@ def pretrain_run(d, config, *, md5, loss=7.0, acc1=90.0, hours=1.0, ckpt_epoch=N
     return ckpt
 
 
-def eval_run(d, benchmark, metrics, *, ckpt, md5, stage="eval", config=None):
+# the protocol each published number was made with (results/published.py), as the evaluators name them
+PUBLISHED_PROTOCOL = {"linear": "linear/moco@1", "linear_multihead": "linear/mmselfsup-multihead@1",
+                      "svm": "voc07-svm/mmselfsup@1", "lowshot": "lowshot/mmselfsup@1", "semisup": "semisup/mmselfsup@1",
+                      "voc07-c4": "detectron2/voc07-c4@1", "coco-c4-2x": "detectron2/coco-c4-2x@1"}
+
+
+def eval_run(d, benchmark, metrics, *, ckpt, md5, stage="eval", config=None, protocol="published"):
+    protocol = PUBLISHED_PROTOCOL.get(benchmark) if protocol == "published" else protocol
     write_metrics(d, stage=stage, benchmark=benchmark, metrics=metrics, config=config or {}, start="t",
-                  checkpoint=ckpt, checkpoint_md5=md5)
+                  checkpoint=ckpt, checkpoint_md5=md5, protocol=protocol)
 
 
 def curve(n_epochs=3, steps_per_epoch=4, loss0=8.0, osc=0.0):
@@ -170,11 +177,12 @@ def test_readme_table_markdown(zoo):
     t = readme_table(gather(zoo, progress=False).frame)
     md = t.to_markdown()
     header = next(line for line in md.splitlines() if line.startswith("| Arch"))
-    assert header == ("| Arch | Setting | pre-train epochs | pre-train time (h) | pre-train time (h) (published) | "
-                      "Δ pre-train time (h) | MoCo v1 top-1 | MoCo v1 top-1 (published) | Δ MoCo v1 top-1 | "
-                      "MoCo v2 top-1 | MoCo v2 top-1 (published) | Δ MoCo v2 top-1 |")
+    assert header == ("| Arch | Setting | pre-train epochs | Protocol | pre-train time (h) | pre-train time (h) "
+                      "(published) | Δ pre-train time (h) | MoCo v1 top-1 | MoCo v1 top-1 (published) | "
+                      "Δ MoCo v1 top-1 | MoCo v2 top-1 | MoCo v2 top-1 (published) | Δ MoCo v2 top-1 |")
     # hours: 50, 52, 50, 52 -> 51.0±1.0 vs 53 -> -2.0
-    assert "| resnet50 | — | 200 | 51.0±1.0 | 53.0 | -2.0 | 61.2±0.2 | 60.8±0.2 | +0.4 | 67.1±0.1 | 67.5±0.1 | -0.4 |" in md
+    assert ("| resnet50 | — | 200 | linear/moco@1 | 51.0±1.0 | 53.0 | -2.0 | 61.2±0.2 | 60.8±0.2 | +0.4 | "
+            "67.1±0.1 | 67.5±0.1 | -0.4 |") in md
 
 
 def test_family_tables(zoo):
@@ -183,18 +191,20 @@ def test_family_tables(zoo):
     # v2 k=1: trials 40.1 and 41.1 -> 40.6; published (OpenSelfSup) 43.0 -> -2.4
     assert low.loc["v2", ["k=1", "k=1 published", "k=1 diff"]].tolist() == pytest.approx([40.6, 43.0, -2.4])
     lin = linear_table(frame)
-    assert lin.frame.set_index("Model").loc["v2", "AvgPool published"] == 67.56
     md = lin.to_markdown()
-    # Feature1..4 come from the multi-head run (v2 only), Feature5 from it where present, else from lincls;
-    # only measured columns are shown, each followed by its published number and the difference
-    lf = lin.frame.set_index("Model")
-    assert lf.loc["v2", ["Feature1", "Feature1 n", "Feature1 published"]].tolist() == [10.0, 1, 15.96]
-    assert lf.loc["v2", "Feature5"] == 50.0 and lf.loc["v1", "Feature5"] == pytest.approx(60.5)
-    assert math.isnan(lf.loc["v1", "Feature1"]) and lf.loc["v1", "Feature1 published"] == 15.32
-    assert "| v1 | resnet50 200ep | — | 15.32 | — |" in md
+    # one row per model and protocol: the multi-head run (v2 only) and main_lincls are different protocols,
+    # each next to the published numbers of its own protocol only
+    lf = lin.frame.set_index(["Model", "Protocol"])
+    mh, lc = ("v2", "linear/mmselfsup-multihead@1"), ("v2", "linear/moco@1")
+    assert lf.loc[mh, ["Feature1", "Feature1 n", "Feature1 published"]].tolist() == [10.0, 1, 15.96]
+    assert lf.loc[mh, "Feature5"] == 50.0 and lf.loc[mh, "AvgPool published"] == 67.56
+    assert lf.loc[("v1", "linear/moco@1"), "Feature5"] == pytest.approx(60.5)
+    assert math.isnan(lf.loc[("v1", "linear/moco@1"), "Feature1"])
+    assert math.isnan(lf.loc[("v1", "linear/moco@1"), "Feature1 published"])  # a multi-head number: not here
+    assert math.isnan(lf.loc[lc, "Feature1"]) and len(lf) == 3
     assert "| Feature5 | Feature5 (published) | Δ Feature5 | AvgPool |" in md
     semi = semisup_table(frame)
-    row = semi.frame.set_index("Model").loc["v1"]
+    row = semi.frame.set_index("Model").loc["v1"]  # one protocol: one row per model
     assert row["best 1% cell"] == "lr0.01_head100" and row["1% top-1"] == pytest.approx(30.5)
     assert row["1% top-1 published"] == 33.15 and math.isnan(row["10% top-1"])
     assert "| v1 |" in semi.to_markdown()
@@ -407,3 +417,22 @@ def test_stand_in_semisup_subsets_are_their_own_columns_without_published_number
     row = table.frame.iloc[0]
     assert row["1% top-1"] == 40.0 and row["1% top-1 (stand-in)"] == 55.0
     assert row["1% top-1 published"] == 39.07 and np.isnan(row["1% top-1 (stand-in) published"])
+
+
+def test_published_numbers_only_next_to_their_protocol_and_protocols_never_averaged(tmp_path):
+    """OpenSelfSup's SVM mAP was made with costs 1, 10, 100: a VISSL-protocol result gets its own row and no
+    published number; the two are not averaged."""
+    ckpt = pretrain_run(tmp_path / "v2" / "pretrain", V2, md5=md5_of("c"))
+    eval_run(tmp_path / "v2" / "svm-mm", "svm", {"mAP": 84.0}, ckpt=ckpt, md5=md5_of("c"))
+    eval_run(tmp_path / "v2" / "svm-vissl", "svm", {"mAP": 80.0}, ckpt=ckpt, md5=md5_of("c"),
+             protocol="voc07-svm/vissl@1")
+    g = gather(tmp_path, progress=False)
+    rows = {r["Protocol"]: r for _, r in build_tables(g.frame)[[t.name for t in build_tables(g.frame)].index("svm")]
+            .frame.iterrows()}
+    assert set(rows) == {"voc07-svm/mmselfsup@1", "voc07-svm/vissl@1"}
+    assert rows["voc07-svm/mmselfsup@1"]["VOC07 SVM"] == 84.0
+    assert rows["voc07-svm/mmselfsup@1"]["VOC07 SVM published"] == 84.26
+    assert rows["voc07-svm/vissl@1"]["VOC07 SVM"] == 80.0 and np.isnan(rows["voc07-svm/vissl@1"]["VOC07 SVM published"])
+    summary = aggregate(g.frame)
+    svm_rows = summary[(summary["benchmark"] == "svm") & (summary["metric"] == "mAP")]
+    assert sorted(svm_rows["mean"]) == [80.0, 84.0] and list(svm_rows["n"]) == [1, 1]

@@ -61,6 +61,15 @@ class RunSpec:
 REFERENCE_GPUS = 8  # the MoCo detection recipes' GPU count (batch 16 = 8 GPUs x 2 images, lr 0.02)
 
 
+def transfer_protocol(spec: RunSpec) -> str:
+    """`detectron2/<recipe>@1` for the recipe as published; smoke runs, linear scaling or overrides differ."""
+    if spec.smoke:
+        return f"detectron2/{spec.recipe}-smoke"
+    if spec.linear_scaling or spec.opts:
+        return f"detectron2/{spec.recipe}/custom"
+    return f"detectron2/{spec.recipe}@1"
+
+
 def build_cfg(spec: RunSpec) -> CfgNode:
     """Recipe YAML, then smoke settings, then runner settings, then the user's opts (last wins)."""
     recipe = get_recipe(spec.recipe)
@@ -180,7 +189,11 @@ def run(spec: RunSpec) -> dict:
             logger.warning("non-finite metrics %s (no predictions, or no ground truth in that range)", bad)
         path = write_metrics(spec.out_dir, stage="transfer", benchmark=recipe.name, metrics=metrics,
                              config=_runner_config(spec, used), start=spec.start,
-                             checkpoint=spec.checkpoint, checkpoint_md5=spec.checkpoint_md5, run_id=spec.run_id)
+                             checkpoint=spec.checkpoint, checkpoint_md5=spec.checkpoint_md5, run_id=spec.run_id,
+                             protocol=transfer_protocol(spec), provenance={
+                                 "world_size": comm.get_world_size(), "ims_per_batch": used.SOLVER.IMS_PER_BATCH,
+                                 "base_lr": used.SOLVER.BASE_LR, "max_iter": used.SOLVER.MAX_ITER,
+                                 "seed": spec.trial, "opts": list(spec.opts)})
         logger.info("wrote %s", path)
     comm.synchronize()
     return results
