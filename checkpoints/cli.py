@@ -65,6 +65,21 @@ def _print_report(ckpt: LoadedCheckpoint, all_keys: bool) -> None:
             print(f"  dropped  {src}")
 
 
+def _verify(args) -> int:
+    from mocobench.checkpoints.verify import verify
+    try:
+        v = verify(args.checkpoint, args.verify_data, trust=args.trust)
+    except CheckpointError as e:
+        print(f"mocobench inspect: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{v.checkpoint}: {v.arch} (width {v.width}); kNN top-1 (k=20) {v.knn_top1:.1f} % vs random init "
+          f"{v.random_top1:.1f} %")
+    for problem in v.problems:
+        print(f"mocobench inspect: verify failed: {problem}", file=sys.stderr)
+    print("verified" if v.ok else "NOT verified")
+    return 0 if v.ok else 1
+
+
 def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mocobench inspect",
@@ -78,7 +93,14 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("--arch", default=None,
                         help="also check the weights load into this arch (reports differing shapes)")
     parser.add_argument("--width", type=int, default=None, help="width for --arch (small archs)")
+    parser.add_argument("--verify", action="store_true",
+                        help="pre-flight check: BN statistics loaded, and kNN on a small image slice beats the same "
+                             "arch at random init (checkpoints/verify.py); exit 1 if not")
+    parser.add_argument("--verify-data", default=None, metavar="ROOT",
+                        help="ImageFolder root (train/ [+ val/]) for --verify (default: the embedded demo data)")
     args = parser.parse_args(argv)
+    if args.verify:
+        return _verify(args)
     try:
         if args.arch or args.width:
             _, ckpt = model_from_checkpoint(args.checkpoint, trust=args.trust, arch=args.arch, width=args.width)

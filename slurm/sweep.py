@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="re-run finished stages too; old stage dirs are moved to DIR.replaced-<time>")
     p.add_argument("--dry-run", action="store_true", help="show what would run, submit nothing")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="before submitting, check each third-party checkpoint of the spec once (mocobench inspect "
+                        "--verify: BN statistics loaded, kNN above random init) and stop if one fails")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="wait for the jobs, then print every stage's state and gather the tables "
                         "(--no-wait on Slurm: submit and return; a final job gathers the tables)")
@@ -80,6 +83,33 @@ def _record_sweep(root: Path, spec: sp.SweepSpec, cluster: str, stages: list[Sta
                                                            "logs": str(logs)}]})
 
 
+def preflight(stages: list[Stage], actions: dict[str, Action]) -> bool:
+    """Verify every third-party checkpoint (a spec `checkpoints` entry) that a stage to run evaluates, once,
+    before anything is submitted: a half-loaded backbone should cost seconds, not days of jobs."""
+    files = sorted({s.payload.get("config", {}).get("checkpoint") for s in stages
+                    if actions[s.id].what == "run" and s.info.get("stage") == "eval" and not s.deps
+                    and not s.info.get("baseline")} - {None, ""})
+    if not files:
+        return True
+    from mocobench.checkpoints.verify import verify
+    from mocobench.core.errors import CheckpointError
+    ok = True
+    for path in files:
+        try:
+            v = verify(path)
+        except CheckpointError as e:
+            print(f"mocobench sweep: error: pre-flight: {e}", file=sys.stderr)
+            ok = False
+            continue
+        print(f"  pre-flight {path}: kNN top-1 {v.knn_top1:.1f} % vs random init {v.random_top1:.1f} %"
+              + ("" if v.ok else " FAILED"))
+        for problem in v.problems:
+            print(f"mocobench sweep: error: pre-flight {path}: {problem} (--no-verify skips this check)",
+                  file=sys.stderr)
+        ok &= v.ok
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -101,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         return 0
+    if args.verify and not preflight(stages, actions):
+        return 2
     for s in stages:
         if args.force and actions[s.id].what == "run" and state.has_outputs(s.dir):
             moved = archive(s.dir)
