@@ -35,6 +35,7 @@ from tqdm import tqdm
 from mocobench.core.config import option
 from mocobench.core.errors import ConfigError, DataError
 from mocobench.core.records import now_iso
+from mocobench.core.threads import fit_threads
 from mocobench.evaluate.ap import voc_ap
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features, write_npz
@@ -204,6 +205,7 @@ def run(cfg: LowShotConfig) -> dict:
         return held.finished["metrics"]
     path = resolve_features(cfg)
     fs = load_features(path)
+    fit_threads(0, cfg.threads, announce=None)  # extraction is done: every CPU for the solver
     num_classes = fs.train_labels.shape[1] if fs.multilabel else int(max(fs.train_labels.max(), fs.test_labels.max())) + 1
     names = class_names_of(fs, num_classes)
     res = lowshot_svm(fs.train_feats, fs.train_labels, fs.test_feats, fs.test_labels, cfg, cfg.k_values, cfg.samples,

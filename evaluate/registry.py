@@ -10,6 +10,7 @@ evaluate/configs/<name>/*.yaml (`--config demo`).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 from mocobench.core.config import parse_config
 from mocobench.core.errors import USER_ERRORS, debug_enabled, one_line
+from mocobench.core.threads import fit_threads
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
@@ -79,6 +81,8 @@ def run_evaluator(name: str, argv: list[str]) -> int:
     config_cls, run = ev.load()
     try:
         cfg, _ = parse_config(config_cls, argv, ev.prog, ev.description, search_dir=ev.config_dir)
+        fit_threads(getattr(cfg, "workers", 0), getattr(cfg, "threads", 0),
+                    announce=print if int(os.environ.get("RANK", "0")) == 0 else None)
         run(cfg)
     except USER_ERRORS as e:
         if debug_enabled():

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from mocobench.core.config import option
 from mocobench.core.errors import ConfigError, FeatureFileError
 from mocobench.core.records import now_iso
+from mocobench.core.threads import fit_threads
 from mocobench.evaluate.ap import step_ap, voc_ap
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
@@ -62,7 +63,7 @@ class SVMSolverOptions:
     tol: float = option(1e-6, "torch solver stopping rule: |gradient| <= tol * |gradient at w=0|", above=0)
     n_jobs: int = option(1, "sklearn solver: LinearSVC fits run in parallel threads", at_least=1)
     max_iter: int = option(SKLEARN_MAX_ITER, "sklearn solver: liblinear max_iter (VISSL: 2000)", at_least=1)
-    threads: int = option(0, "torch CPU threads (0 = torch's default)", at_least=0)
+    threads: int = option(0, "torch CPU threads (0 = every CPU given to the process: core/threads.py)", at_least=0)
     normalize: bool = option(True, "L2-normalise features first (VISSL/MMSelfSup: yes)")
 
     def __post_init__(self):
@@ -235,6 +236,7 @@ def run(cfg: SVMConfig) -> dict:
         return held.finished["metrics"]
     path = resolve_features(cfg)
     fs = load_features(path)
+    fit_threads(0, cfg.threads, announce=None)  # extraction is done: every CPU for the solver
     num_classes = fs.train_labels.shape[1] if fs.multilabel else int(max(fs.train_labels.max(), fs.test_labels.max())) + 1
     if num_classes < 1 or len(fs.train_feats) < cfg.folds:
         raise FeatureFileError(f"{path}: {len(fs.train_feats)} training images; the SVM protocol needs at least "

@@ -38,6 +38,7 @@ from mocobench.core.imagefolder import RobustImageFolder, collate_with_skips
 from mocobench.core.images import decode_rgb
 from mocobench.core.records import CHECKPOINT_NAME, CHECKPOINT_RE, now_iso, write_metrics
 from mocobench.core.run_folder import claim
+from mocobench.core.threads import fit_threads
 from mocobench.pretrain.augment import TwoCropsTransform, moco_augmentation
 from mocobench.pretrain.fast_augment import TensorMocoAugmentation
 from mocobench.pretrain.knn_monitor import K as K_MONITOR
@@ -382,6 +383,7 @@ def run(cfg: PretrainConfig) -> dict:
     """Train (or resume) a MoCo run in `cfg.out`; returns the final metrics."""
     device = dist.init_from_env(cfg.dist_backend)
     world, main_rank = dist.world_size(), dist.is_main()
+    fit_threads(cfg.workers, announce=print if main_rank else None)
     validate(cfg, world)
     cfg = resolve_fast_path(cfg, device)  # the resolved config records the choice
     held = claim(cfg.out, stage="pretrain", benchmark="moco", config=to_dict(cfg), force=cfg.force, write=main_rank)

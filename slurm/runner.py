@@ -50,11 +50,12 @@ def _demo_data_root() -> str:
 
 
 def limit_threads(threads: int | None) -> None:
-    """One compute thread per CPU the job was given (as torchrun does per process), unless the user set
-    OMP_NUM_THREADS: PyTorch otherwise starts one per core of the node and oversubscribes shared nodes."""
-    if not threads or "OMP_NUM_THREADS" in os.environ:
+    """The job's CPUs (`cpus_per_task`) as $MOCOBENCH_CPUS, which every stage's `fit_threads` splits between
+    intra-op threads and loader workers (core/threads.py); PyTorch otherwise starts one thread per core of
+    the node and oversubscribes shared nodes. A user's $OMP_NUM_THREADS / $MOCOBENCH_CPUS wins."""
+    if not threads or "OMP_NUM_THREADS" in os.environ or "MOCOBENCH_CPUS" in os.environ:
         return
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by data workers and launched subprocesses
+    os.environ["MOCOBENCH_CPUS"] = str(threads)  # inherited by launched subprocesses (detectron2 workers)
     import torch
     torch.set_num_threads(threads)
 

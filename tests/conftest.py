@@ -15,6 +15,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEMO_ROOT = REPO / ".cache" / "demo-data"
 os.environ["MOCOBENCH_DATA"] = str(DEMO_ROOT)
+# One CPU per test process for core/threads.py's fit (tiny tensors: contending threads only slow them down);
+# tests of the thread fit itself set their own environment.
+os.environ.setdefault("MOCOBENCH_CPUS", "1")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mocobench.core.records import now_iso
 from mocobench.core.run_folder import RUN_INDEPENDENT, claim
+from mocobench.core.threads import fit_threads
 from mocobench.transfer.recipes import RECIPES
 
 INSTALL_HINT = "install it with: bash transfer/install_detectron2.sh .venv/bin/python (see docs/transfer.md)"
@@ -159,6 +160,7 @@ def prepare(args: argparse.Namespace):
     except (KeyError, AssertionError) as e:  # yacs: unknown key / bad value type
         raise TransferError(f"bad detectron2 config override in {args.opts}: {e}") from None
     spec.classes = register_datasets(list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST), spec.data_root)
+    fit_threads(cfg.DATALOADER.NUM_WORKERS)  # CPU runs train in this process; GPU workers inherit the limit
     return spec
 
 
