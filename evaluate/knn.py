@@ -1,6 +1,7 @@
 """`mocobench eval knn`: weighted kNN classification on frozen features, the cheap monitor of
 representation quality. The classifier (Wu et al. 2018 protocol, T = 0.07) is core/knn.py; k = 10, 20,
-100, 200 as MMSelfSup's tools/benchmarks/classification/knn_imagenet; reports top-1 (and top-5) accuracy in percent as `k{K}/top1`, `k{K}/top5`.
+100, 200 as MMSelfSup's tools/benchmarks/classification/knn_imagenet. Reports top-1 (and top-5) accuracy
+in percent as `k{K}/top1`, `k{K}/top5`.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 from mocobench.core.config import option
 from mocobench.core.errors import ConfigError
-from mocobench.core.knn import knn_accuracy, nearest_neighbours, weighted_votes  # noqa: F401 (public here too)
+from mocobench.core.knn import knn_accuracy
 from mocobench.core.records import now_iso
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features

@@ -15,6 +15,7 @@ from test_eval_features import make_image_folder
 from mocobench.core.backbones import build_backbone
 from mocobench.core.errors import FeatureFileError
 from mocobench.core.records import read_metrics
+from mocobench.core import knn as core_knn
 from mocobench.evaluate import knn, linear
 from mocobench.evaluate.feature_file import write_npz
 
@@ -29,19 +30,19 @@ def test_knn_weighted_vote_by_hand():
     train = np.array([[3.0, 0.0], [0.8, 0.6], [1.6, -1.2], [0.4, 0.3]], dtype=np.float32)  # norms differ
     labels = np.array([1, 0, 0, 0])
     test, test_labels = np.array([[2.0, 0.0]], dtype=np.float32), np.array([1])
-    assert knn.knn_accuracy(train, labels, test, test_labels, ks=[1, 4], T=0.07)["k4/top1"] == 100.0
-    res = knn.knn_accuracy(train, labels, test, test_labels, ks=[1, 4], T=1.0)
+    assert core_knn.knn_accuracy(train, labels, test, test_labels, ks=[1, 4], T=0.07)["k4/top1"] == 100.0
+    res = core_knn.knn_accuracy(train, labels, test, test_labels, ks=[1, 4], T=1.0)
     assert res["k1/top1"] == 100.0 and res["k4/top1"] == 0.0 and res["k4/top5"] == 100.0
-    sims, idx = knn.nearest_neighbours(train, test, 4)
+    sims, idx = core_knn.nearest_neighbours(train, test, 4)
     assert idx[0, 0] == 0 and sims[0].tolist() == pytest.approx([1.0, 0.8, 0.8, 0.8])
-    votes = knn.weighted_votes(sims, torch.as_tensor(labels)[idx], 2, T=1.0)
+    votes = core_knn.weighted_votes(sims, torch.as_tensor(labels)[idx], 2, T=1.0)
     assert votes[0].tolist() == pytest.approx([3 * math.exp(0.8), math.exp(1.0)])
 
 
 def test_chunked_neighbours_match_brute_force():
     rng = np.random.default_rng(0)
     train, test = rng.normal(size=(53, 6)).astype(np.float32), rng.normal(size=(11, 6)).astype(np.float32)
-    sims, idx = knn.nearest_neighbours(train, test, 10, chunk=7, test_chunk=4)
+    sims, idx = core_knn.nearest_neighbours(train, test, 10, chunk=7, test_chunk=4)
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
     full = unit(test) @ unit(train).T
     ref_idx = np.argsort(-full, axis=1)[:, :10]
@@ -51,7 +52,7 @@ def test_chunked_neighbours_match_brute_force():
 
 def test_knn_caps_k_and_rejects_multilabel(tmp_path):
     train = np.eye(3, dtype=np.float32)
-    res = knn.knn_accuracy(train, np.array([0, 1, 2]), train, np.array([0, 1, 2]), ks=[200])
+    res = core_knn.knn_accuracy(train, np.array([0, 1, 2]), train, np.array([0, 1, 2]), ks=[200])
     assert res["k200/top1"] == 100.0  # k=200 > 3 samples: all of them vote, the exact match dominates at T=0.07
     write_npz(tmp_path / "voc.npz", {"train_feats": train, "train_labels": np.eye(3, dtype=np.int64),
                                      "test_feats": train, "test_labels": -np.eye(3, dtype=np.int64)})
