@@ -442,7 +442,7 @@ def test_lowshot_axis_ends_where_the_data_ends():
     """A demo sweep measures k = 1..16: the axis shows those, not the published grid up to 96."""
     from mocobench.results.plots import lowshot_ticks
     rows = pd.DataFrame({"k": [1, 2, 4, 8, 16, 1, 16], "mean": [10.0, 11, 12, 13, 14, 9, None],
-                         "published": [None] * 5 + [None, None]})
+                         "published": [None] * 7})
     assert lowshot_ticks(rows) == [1, 2, 4, 8, 16]
     rows.loc[len(rows)] = {"k": 96, "mean": None, "published": 70.0}  # a published curve drawn to 96
     assert lowshot_ticks(rows) == [1, 2, 4, 8, 16, 96]
