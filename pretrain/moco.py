@@ -96,8 +96,9 @@ class MoCo(nn.Module):
             if self.shuffle_bn:
                 k = self.batch_unshuffle(k, idx_unshuffle)
 
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-        l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
+        with torch.autocast(q.device.type, enabled=False):  # logits in fp32, also under bf16/fp16 autocast
+            l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
         if self.mask_false_negatives and ids is not None:
             # small data: an older key of the query's own image may still be queued (a false negative)
             l_neg = l_neg.masked_fill(self.queue_ids.unsqueeze(0) == ids.unsqueeze(1), float("-inf"))

@@ -102,6 +102,18 @@ def test_loss_equals_hand_infonce():
     assert torch.allclose(model.queue[:, :4], k.T, atol=1e-6)  # keys enqueued after use
 
 
+def test_logits_are_fp32_under_bf16_autocast():
+    """The docs promise fp32 logits: bf16 keeps 8 bits of mantissa, so cosines of 0.996 and 1.0 would tie."""
+    model = make(T=0.2)
+    queue_before = model.queue.clone()
+    xq, xk = torch.randn(4, 12), torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(xq, xk)
+        q = F.normalize(model.encoder_q(xq).float(), dim=1)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits[:, 1:], q @ queue_before / 0.2, atol=1e-5)  # fp32 products of the bf16 features
+
+
 def test_mlp_head_matches_official_layout():
     model = MoCo(lambda num_classes: LinearEncoder(num_classes, in_dim=12), dim=4, K=8, mlp=True)
     keys = [k for k in model.state_dict() if k.startswith("encoder_q.fc")]
