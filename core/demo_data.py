@@ -1,10 +1,14 @@
 """The embedded demo dataset: one small deterministic synthetic image set in every layout the suite reads.
 
-Ten classes of filled shapes that differ only by SHAPE; colour, shading, position, scale, rotation, aspect
-and the background texture are drawn independently of the class, so a network (MoCo, linear probe, SVM,
-R-CNN) has to learn shape. The dataset is generated once into a cache dir and written as
+Ten classes of flat light-grey shapes on a flat dark-grey background that differ only by SHAPE. What
+varies within a class is chosen so that MoCo can learn it away and a random network cannot:
+position, scale and aspect (RandomResizedCrop's job) and the two grey levels (kept in a range that
+brightness/contrast jitter spans); a rotation of up to +-25 degrees, which no augmentation removes, keeps
+a random-init network's kNN accuracy well below 40 %. Colour, texture and clutter are left out on
+purpose: any cue that survives the augmentations becomes the instance cue MoCo learns instead of shape
+(docs/demo-data.md has the measurements). The dataset is generated once into a cache dir and written as
 
-  ROOT/imagefolder/{train,val}/<class>/<NNNN>.png          64x64 PNGs, one object (+ thin line clutter)
+  ROOT/imagefolder/{train,val}/<class>/<NNNN>.png          32x32 PNGs, one object
   ROOT/VOCdevkit/VOC2007/                                   128x128 JPEGs with 1-3 objects, VOC2007 devkit
       JPEGImages/<id>.jpg  Annotations/<id>.xml             (VOC XML, 1-based pixel boxes, difficult flags)
       ImageSets/Main/{train,val,trainval,test}.txt and <class>_<split>.txt  (`<id> 1|-1|0`)
@@ -23,7 +27,6 @@ its copy wins and ours is discarded, so concurrent callers never see a partial d
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import io
 import json
@@ -41,11 +44,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 1
+VERSION = 2
 SEED = 20191113  # MoCo's arXiv date; any fixed number works
 CLASS_NAMES = ("circle", "square", "triangle", "cross", "star", "diamond", "hexagon", "crescent", "arrow",
                "heart")
-CLS_SIZE = 64            # ImageFolder image side
+CLS_SIZE = 32            # ImageFolder image side
+CLS_RADIUS = (0.12, 0.40)  # ImageFolder object radius (shape inside the unit disc), as a fraction of the side
+MAX_ROTATION = 25.0      # degrees either way
+MAX_LOG_ASPECT = 0.2     # aspect exp(U(-0.2, 0.2)): 0.82-1.22, inside RandomResizedCrop's 3/4-4/3
+BACKGROUND = (0.0, 40.0)     # flat background grey level (0-255), per image
+FOREGROUND = (200.0, 255.0)  # flat object grey level, per object
+NOISE = 3.0              # std of the Gaussian pixel noise (grey levels)
 CLS_PER_CLASS = {"train": 200, "val": 50}
 DET_SIZE = 128           # detection image side
 DET_COUNTS = {"trainval": 300, "test": 150}
@@ -137,22 +146,16 @@ assert tuple(SHAPES) == CLASS_NAMES
 
 
 def _place(rng: np.random.Generator, name: str, radius: float, cx: float, cy: float) -> np.ndarray:
-    """The class polygon under a random similarity transform (+ a mild aspect change) in pixel coords."""
-    angle = rng.uniform(0, 2 * math.pi)
-    aspect = rng.uniform(0.85, 1.15)
+    """The class polygon under a random rotation (within MAX_ROTATION) and aspect change (within
+    MAX_LOG_ASPECT), scaled by `radius` and centred at (cx, cy), in pixel coords."""
+    angle = math.radians(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+    aspect = math.exp(rng.uniform(-MAX_LOG_ASPECT, MAX_LOG_ASPECT))
     p = SHAPES[name] * np.array([aspect, 1 / aspect])
     c, s = math.cos(angle), math.sin(angle)
     return p @ np.array([[c, s], [-s, c]]) * radius + np.array([cx, cy])
 
 
 # --- painting ------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (y, x) in [0, 1]."""
-    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
-    return yy, xx
-
-
 def _mask(polygon: np.ndarray, size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
     """Anti-aliased coverage in [0, 1] of a polygon (pixel coords, pixel i spans [i, i+1)) over the
     polygon's bounding box within the image: (crop, (rows, cols)). Drawn at SUPERSAMPLE x resolution."""
@@ -166,69 +169,23 @@ def _mask(polygon: np.ndarray, size: int) -> tuple[np.ndarray, tuple[slice, slic
     return crop, (slice(y0, y1), slice(x0, x1))
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """One of four textures (gradient, stripes, smooth noise, checker) between two nearby colours."""
-    c1 = rng.uniform(0, 255, 3)
-    c2 = np.clip(c1 + rng.normal(0, 45, 3), 0, 255)
-    yy, xx = _grid(size)
-    a = rng.uniform(0, 2 * math.pi)
-    u = xx * math.cos(a) + yy * math.sin(a)
-    kind = rng.integers(4)
-    if kind == 0:
-        t = (u - u.min()) / (u.max() - u.min())
-    elif kind == 1:
-        t = 0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(2, 7) * u + rng.uniform(0, 2 * math.pi))
-    elif kind == 2:
-        low = Image.fromarray(rng.uniform(0, 1, (5, 5)).astype(np.float32), mode="F")
-        t = np.asarray(low.resize((size, size), Image.Resampling.BICUBIC)).clip(0, 1)
-    else:
-        n = int(rng.integers(3, 9))
-        t = ((np.floor(xx * n) + np.floor(yy * n)) % 2) * 0.6 + 0.2
-    t = t.astype(np.float32)[..., None]
-    return c1.astype(np.float32) * (1 - t) + c2.astype(np.float32) * t
-
-
-def _fill_colour(rng: np.random.Generator, behind: np.ndarray) -> np.ndarray:
-    """A random colour that stands out from the mean background colour under the object."""
-    for _ in range(20):
-        c = rng.uniform(0, 255, 3)
-        if np.abs(c - behind).sum() > 180:
-            return c
-    return 255.0 - behind
+def _canvas(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A flat background of one grey level drawn from BACKGROUND (float HxWx3)."""
+    return np.full((size, size, 3), rng.uniform(*BACKGROUND), np.float32)
 
 
 def _paint(rng: np.random.Generator, img: np.ndarray, polygon: np.ndarray) -> np.ndarray:
-    """Composite one shaded object over `img` (float HxWx3); returns its coverage mask."""
+    """Composite one flat object of a grey level drawn from FOREGROUND over `img`; returns its coverage."""
     size = img.shape[0]
     m, box = _mask(polygon, size)
-    region = img[box]
-    behind = (region * m[..., None]).sum((0, 1)) / max(float(m.sum()), 1e-6)
-    colour = _fill_colour(rng, behind)
-    yy, xx = (g[box] for g in _grid(size))
-    a = rng.uniform(0, 2 * math.pi)
-    shade = 0.8 + 0.4 * (xx * math.cos(a) + yy * math.sin(a) + 1.5) / 3  # a soft linear light ramp
-    fill = np.clip(colour.astype(np.float32) * shade[..., None], 0, 255)
-    region += (fill - region) * m[..., None]
+    img[box] += (np.float32(rng.uniform(*FOREGROUND)) - img[box]) * m[..., None]
     full = np.zeros((size, size), np.float32)
     full[box] = m
     return full
 
 
-def _clutter(rng: np.random.Generator, img: np.ndarray, count: int) -> None:
-    """Thin line segments: distractors that are none of the classes' shapes."""
-    size = img.shape[0]
-    for _ in range(count):
-        p = rng.uniform(0, size, 2)
-        a, length, width = rng.uniform(0, math.pi), rng.uniform(0.1, 0.3) * size, rng.uniform(0.8, 1.6)
-        d = np.array([math.cos(a), math.sin(a)]) * length / 2
-        n = np.array([-d[1], d[0]]) / np.linalg.norm(d) * width / 2
-        seg = np.array([p - d - n, p + d - n, p + d + n, p - d + n])
-        m, box = _mask(seg, size)
-        img[box] += (rng.uniform(0, 255, 3).astype(np.float32) - img[box]) * m[..., None]
-
-
 def _finish(rng: np.random.Generator, img: np.ndarray) -> Image.Image:
-    img = img + 3 * rng.standard_normal(img.shape, dtype=np.float32)
+    img = img + NOISE * rng.standard_normal(img.shape, dtype=np.float32)
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -237,11 +194,10 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 def classification_image(split: str, cls: int, index: int) -> Image.Image:
-    """One 64x64 ImageFolder image: class `cls`, fully inside the frame, 0-2 clutter lines under it."""
+    """One CLS_SIZE x CLS_SIZE ImageFolder image: one object of class `cls`, fully inside the frame."""
     rng = _rng(0, ("train", "val").index(split), cls, index)
-    img = _background(rng, CLS_SIZE)
-    _clutter(rng, img, int(rng.integers(0, 3)))
-    r = rng.uniform(11, 24)
+    img = _canvas(rng, CLS_SIZE)
+    r = CLS_SIZE * rng.uniform(*CLS_RADIUS)
     cx, cy = rng.uniform(r, CLS_SIZE - r, 2)
     _paint(rng, img, _place(rng, CLASS_NAMES[cls], r, cx, cy))
     return _finish(rng, img)
@@ -289,8 +245,7 @@ def detection_image(split: str, index: int) -> tuple[Image.Image, list[dict]]:
     MIN_DET_SIDE px, or under MIN_VISIBLE of its area visible after truncation and occlusion).
     """
     rng = _rng(1, ("trainval", "test").index(split), index)
-    img = _background(rng, DET_SIZE)
-    _clutter(rng, img, int(rng.integers(0, 4)))
+    img = _canvas(rng, DET_SIZE)
     placed: list[tuple[int, np.ndarray, tuple]] = []
     for _ in range(int(rng.integers(1, 4))):
         cls = int(rng.integers(len(CLASS_NAMES)))
