@@ -236,18 +236,23 @@ def test_tensor_loader_trains_and_bad_loader_is_an_error(tiny_folder, tmp_path):
         run(tiny_cfg(tiny_folder, tmp_path / "x", loader="jpeg"))
 
 
-def test_short_demo_pretrain_lowers_the_loss(demo_data, tmp_path):
-    """The shipped demo recipe on the embedded data: once the queue holds real keys (after K / batch = 8
-    steps the loss peaks near ln K), the loss must fall clearly (measured: by 0.4-1.0 in 45 steps)."""
+def test_demo_recipe_learns_shape_at_reduced_size(demo_data, tmp_path):
+    """The shipped demo recipe on the embedded data, shortened to EPOCHS (fixed seed): the kNN monitor's
+    top-1 at the end beats the same network at random init (its epoch -1 value) by MARGIN points. The
+    full-size margin (40 epochs) is what `make demo` prints; docs/demo-data.md has both."""
     from mocobench.core.config import apply_overrides, load_yaml
     from mocobench.pretrain.train import CONFIG_DIR
+    epochs, margin = 15, 5  # measured on a 2-core AMD EPYC: 31.8 -> 41.2 % (+9.4) in 15 epochs
     cfg = apply_overrides(PretrainConfig(), load_yaml("demo", CONFIG_DIR))
-    cfg = apply_overrides(cfg, {"out": str(tmp_path), "epochs": 3, "print_freq": 1, "workers": 1})
+    cfg = apply_overrides(cfg, {"out": str(tmp_path), "epochs": epochs, "knn_monitor": epochs, "print_freq": 31,
+                                "workers": 0})
     run(cfg)
-    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert len(losses) == 45
-    peak = max(losses[:15])
-    assert np.mean(losses[-8:]) < peak - 0.25, (peak, losses[-8:])
+    from mocobench.results.gather import read_knn_monitor
+    knn = read_knn_monitor(tmp_path)
+    assert list(knn["epoch"]) == [-1, epochs - 1]
+    start, end = knn["knn_top1"].tolist()
+    assert start < 40, f"random init already at {start:.1f} % kNN top-1: the demo task is too easy"
+    assert end >= start + margin, f"kNN top-1 {start:.1f} -> {end:.1f} % after {epochs} epochs"
 
 
 def test_knn_monitor_logs_and_leaves_training_unchanged(tiny_folder, tmp_path):
