@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,15 @@ def decode_rgb(path: str | Path) -> torch.Tensor:
     """Read an image file into a 3xHxW uint8 RGB tensor (torchvision.io; PIL for formats it cannot read).
 
     Raises OSError for unreadable files, like `load_rgb`, so `RobustImageFolder` skips them the same way.
+    torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every call; the pinned
+    0.29.1 still ships them and they decode JPEG ~3x faster than PIL here, so that one warning is muted
+    for this call only (data-loader workers are processes, so the scoped filter is not shared).
     """
     try:
-        img = tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
+                                    category=DeprecationWarning)
+            img = tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
         if img.dtype == torch.uint8:
             return img
     except (RuntimeError, ValueError):

@@ -197,6 +197,17 @@ def test_decode_rgb_matches_pil_and_fails_like_pil(tmp_path):
     assert [v.shape for v in views] == [(3, 8, 8)] * 2 and skipped[0].endswith("broken.jpg") and index != broken
 
 
+def test_decode_rgb_does_not_warn_per_image(tmp_path):
+    """torchvision 0.29 warns on every decode; a 40-epoch run would print it 80,000 times."""
+    import warnings
+    photo().save(tmp_path / "a.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decode_rgb(tmp_path / "a.png")
+        warnings.warn("the recorder works", UserWarning)
+    assert [str(w.message) for w in caught] == ["the recorder works"]
+
+
 # --- the benchmark commands -----------------------------------------------------------------------------
 def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
