@@ -50,13 +50,13 @@ class KNNMonitor:
                 raise ValueError(f"{val_root}: classes differ from {train_root}; expected the same class folders")
             self.bank = torch.utils.data.Subset(train, _balanced(labels, max_images, rng))
             self.queries = torch.utils.data.Subset(val, _balanced(np.array(val.targets), max_images // 2, rng))
-            self.source = f"{max_images} train images vs val/"
+            self.source = f"{len(self.bank)} train images vs {len(self.queries)} of val/"
         else:  # hold out a slice of train: a tenth, at most half the bank's size
             held = _balanced(labels, min(len(labels) // 10, max_images // 2), rng)
             rest = np.setdiff1d(np.arange(len(labels)), held)
             self.bank = torch.utils.data.Subset(train, rest[_balanced(labels[rest], max_images, rng)])
             self.queries = torch.utils.data.Subset(train, held)
-            self.source = "a held-out tenth of train"
+            self.source = f"{len(self.bank)} train images vs a held-out {len(self.queries)}"
         self.batch_size, self.workers = batch_size, workers
 
     @torch.no_grad()

@@ -272,7 +272,7 @@ def test_knn_monitor_logs_and_leaves_training_unchanged(tiny_folder, tmp_path):
 def test_knn_monitor_holds_out_queries_the_bank_never_contains(tiny_folder):
     from mocobench.pretrain.knn_monitor import KNNMonitor
     m = KNNMonitor(tiny_folder / "train", 16, max_images=20, seed=1)
-    assert m.source == "a held-out tenth of train"
+    assert m.source == "20 train images vs a held-out 3"
     bank, held = set(m.bank.indices.tolist()), set(m.queries.indices.tolist())
     assert len(held) == 3 and not bank & held and len(bank) == 20
     labels = np.array(m.bank.dataset.targets)
