@@ -47,6 +47,3 @@ class Basis:
     @property
     def rank(self) -> int:
         return self.Z.shape[1]
-
-    def project(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats @ self.V
