@@ -64,9 +64,9 @@ class TorchSVM:
         self.n_train = len(train)
         aug = self._augment(train)
         self.basis = Basis(aug)
-        self.evals = {"train": self.basis.Z}  # the training rows in the basis, the others in feature space
+        self.matrices = {"train": self.basis.Z}  # the training rows in the basis, the others in feature space
         for name, feats in (evals or {}).items():
-            self.evals[name] = self._augment(feats)
+            self.matrices[name] = self._augment(feats)
         del aug
         # Gram matrix of the training rows, for exact Newton steps on small active sets (N x N floats)
         self.gram = None
@@ -89,10 +89,10 @@ class TorchSVM:
         the k-th members of all chains are solved together as one batch.
         """
         labels, train_mask, costs = check_problems(labels, train_mask, costs, self.n_train)
-        unknown = [e for e in evals if e not in self.evals]
+        unknown = [e for e in evals if e not in self.matrices]
         if unknown:
-            raise KeyError(f"no evaluation matrix named {unknown}; have {sorted(self.evals)}")
-        out = {e: np.empty((len(labels), len(self.evals[e]))) for e in evals}
+            raise KeyError(f"no evaluation matrix named {unknown}; have {sorted(self.matrices)}")
+        out = {e: np.empty((len(labels), len(self.matrices[e]))) for e in evals}
         rows = np.flatnonzero(train_mask.any(0))
         if self.use_kernel(int(train_mask.sum(1).max()), len(rows)):
             return self._fit_kernel(labels, train_mask, costs, evals, out, progress)
@@ -168,7 +168,7 @@ class TorchSVM:
                 scores = self.basis.Z @ W.T
             else:
                 W_feat = W @ self.basis.V.T if W_feat is None else W_feat
-                scores = self.evals[e] @ W_feat.T
+                scores = self.matrices[e] @ W_feat.T
             out[e][ids] = scores.T.cpu().numpy()
 
     def _fit_kernel(self, labels, train_mask, costs, evals, out, progress) -> dict[str, np.ndarray]:
