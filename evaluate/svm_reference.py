@@ -35,7 +35,7 @@ class SklearnSVM:
     def __init__(self, train: np.ndarray, evals: Mapping[str, np.ndarray] | None = None, n_jobs: int = 1,
                  max_iter: int = SKLEARN_MAX_ITER):
         self.train = np.ascontiguousarray(train, dtype=np.float64)
-        self.evals = {"train": self.train, **{k: np.asarray(v, dtype=np.float64) for k, v in (evals or {}).items()}}
+        self.matrices = {"train": self.train, **{k: np.asarray(v, dtype=np.float64) for k, v in (evals or {}).items()}}
         self.n_train, self.n_jobs, self.max_iter = len(train), n_jobs, max_iter
 
     def _one(self, y, mask, cost, evals):
@@ -45,15 +45,15 @@ class SklearnSVM:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(self.train[rows], y[rows])
-        return [clf.decision_function(self.evals[e]) for e in evals]
+        return [clf.decision_function(self.matrices[e]) for e in evals]
 
     def fit_scores(self, labels: np.ndarray, train_mask: np.ndarray, costs: np.ndarray,
                    evals: Sequence[str] = ("train",), progress=None) -> dict[str, np.ndarray]:
         from joblib import Parallel, delayed
         labels, train_mask, costs = check_problems(labels, train_mask, costs, self.n_train)
-        unknown = [e for e in evals if e not in self.evals]
+        unknown = [e for e in evals if e not in self.matrices]
         if unknown:
-            raise KeyError(f"no evaluation matrix named {unknown}; have {sorted(self.evals)}")
+            raise KeyError(f"no evaluation matrix named {unknown}; have {sorted(self.matrices)}")
         jobs = (delayed(self._one)(labels[p], train_mask[p], costs[p], evals) for p in range(len(labels)))
         results = []
         for res in Parallel(n_jobs=self.n_jobs, prefer="threads", return_as="generator")(jobs):
