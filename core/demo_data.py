@@ -448,7 +448,7 @@ def _remove_stale_temps(root: Path, max_age_s: float = 24 * 3600) -> None:
 def ensure_demo_data(root: str | Path | None = None, force: bool = False, progress: bool | None = None) -> DemoData:
     """Generate the demo dataset at `root` once and return its paths; later calls reuse it at once.
 
-    root: default `$MOCOBENCH_DATA`, else `~/.cache/mocobench/demo-v1`. force: rebuild even if present.
+    root: default `$MOCOBENCH_DATA`, else `~/.cache/mocobench/demo-v{VERSION}`. force: rebuild even if present.
     progress: tqdm bar (default: when stderr is a terminal). A dir at `root` holding a demo dataset of
     another version is replaced only with force=True; one holding anything not built here (no manifest, or
     files beside the dataset's own) is never touched.
