@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Start a throw-away single-node Slurm cluster on loopback, for tests and the local demo.
+# Start a throw-away Slurm cluster on loopback, for tests and the local demo: N compute nodes on this one
+# host (one slurmd per node, each with its own NodeName and port; Slurm's multiple-slurmd mode).
 #
 #   slurm/cluster/start.sh            # idempotent: does nothing if our cluster is already up
 #
 # Daemons: munged (as user munge, private socket), MariaDB on 127.0.0.1 + slurmdbd (accounting, so
-# `sacct` works and submitit can see a job's final state), slurmctld, slurmd. No systemd is needed:
+# `sacct` works and submitit can see a job's final state), slurmctld, one slurmd per node. No systemd is needed:
 # each daemon runs in the foreground under setsid and its pid is recorded in $STATE/pids/; stop.sh
 # kills exactly those pids. State (job-id counter, accounting DB) lives in $STATE and survives
 # stop/start, so job ids keep counting up and a reused submitit folder never sees a recycled id.
@@ -13,9 +14,13 @@
 #   MOCOBENCH_SLURM_DIR         state dir (default /tmp/mocobench-slurm)
 #   MOCOBENCH_SLURM_ACCOUNTING  1 (default): slurmdbd + MariaDB; 0: no accounting (sacct fails)
 #   MOCOBENCH_SLURM_DB_PORT     MariaDB TCP port on 127.0.0.1 (default 3307)
-#   MOCOBENCH_SLURM_CPUS        CPUs the node advertises (default: the detected count, at least 4: test
-#                               jobs mostly wait on imports and I/O, so 2x oversubscription lets the
-#                               test sweeps overlap; set it to `nproc` for a faithful node)
+#   MOCOBENCH_SLURM_NODES       compute nodes (default 2). One node is named after the host (`hostname -s`);
+#                               N > 1 are HOST-1 .. HOST-N, all at 127.0.0.1, slurmd ports 6831 .. Jobs
+#                               find a node's address with `scontrol show node` (core/slurm_env.py), since
+#                               the names HOST-i resolve nowhere.
+#   MOCOBENCH_SLURM_CPUS        CPUs each node advertises (default: max(detected, 4) / nodes, at least 1:
+#                               test jobs mostly wait on imports and I/O, so 2x oversubscription lets the
+#                               test sweeps overlap; set it to `nproc` for a faithful single node)
 # Needs root and Debian packages (installed with apt-get when missing). Exit codes: 0 up,
 # 3 not root, 4 packages unavailable, 5 a foreign slurm.conf exists, 6 a daemon failed to start.
 set -euo pipefail
@@ -40,13 +45,17 @@ alive() {
     [[ -r /proc/$pid/comm ]] && [[ $(cat "/proc/$pid/comm") == "$2"* ]]
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1; }
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -1; }
+node_up() { [[ "$(node_state "$1")" =~ ^(idle|mixed|allocated) ]]; }
 
 # ---------------------------------------------------------------- already up?
-if [[ -f $STATE/node ]]; then
-    NODE=$(cat "$STATE/node")
-    if alive slurmctld slurmctld && alive slurmd slurmd && [[ "$(node_state)" =~ ^(idle|mixed|allocated) ]]; then
-        log "already running (state dir $STATE, node $NODE)"
+# $STATE/nodes: one node name per line, as this script last configured them
+if [[ -f $STATE/nodes ]] && alive slurmctld slurmctld; then
+    mapfile -t NODES <"$STATE/nodes"
+    up=1
+    for n in "${NODES[@]}"; do alive "slurmd-$n" slurmd && node_up "$n" || up=0; done
+    if (( up )) && (( ${#NODES[@]} == ${MOCOBENCH_SLURM_NODES:-2} )); then
+        log "already running (state dir $STATE, nodes ${NODES[*]})"
         exit 0
     fi
 fi
@@ -78,14 +87,17 @@ if [[ -f $CONF ]] && ! grep -q "^$MARKER" "$CONF"; then
 fi
 mkdir -p "$STATE"/{pids,log,ctld,spool,munge,mysql-run}
 chown munge:munge "$STATE/munge"; chmod 755 "$STATE/munge"   # munged: socket dir must be o+x
-NODE=$(hostname -s)
-echo "$NODE" >"$STATE/node"
+HOST=$(hostname -s)
+NNODES=${MOCOBENCH_SLURM_NODES:-2}
+[[ $NNODES =~ ^[1-9][0-9]*$ ]] || die 2 "MOCOBENCH_SLURM_NODES=$NNODES: expected a whole number >= 1"
+if (( NNODES == 1 )); then NODES=("$HOST"); else NODES=(); for i in $(seq "$NNODES"); do NODES+=("$HOST-$i"); done; fi
 MUNGE_SOCK=$STATE/munge/munge.socket.2
 
 hw=$(slurmd -C | head -1)                   # NodeName=vm CPUs=2 Boards=1 ... RealMemory=24105
 detected=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$hw")
 mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
-cpus=${MOCOBENCH_SLURM_CPUS:-$(( detected > 4 ? detected : 4 ))}
+total=$(( detected > 4 ? detected : 4 ))
+cpus=${MOCOBENCH_SLURM_CPUS:-$(( total / NNODES > 1 ? total / NNODES : 1 ))}
 hw="CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem"
 
 mkdir -p "$CONF_DIR"
@@ -103,7 +115,7 @@ fi
 cat >"$CONF.tmp" <<CONF
 $MARKER: written by slurm/cluster/start.sh (state in $STATE); stop.sh removes it.
 ClusterName=mocobench
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=6817
@@ -112,11 +124,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCK,cred_expire=10
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/log/slurmctld.pidfile
-SlurmdPidFile=$STATE/log/slurmd.pidfile
+SlurmdPidFile=$STATE/log/slurmd-%n.pidfile
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -131,10 +143,13 @@ KillWait=10
 MinJobAge=600
 InactiveLimit=0
 $acct
-NodeName=$NODE NodeAddr=127.0.0.1 $hw State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$(for i in "${!NODES[@]}"; do
+    echo "NodeName=${NODES[$i]} NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((6831 + i)) $hw State=UNKNOWN"
+done)
+PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
 CONF
 mv "$CONF.tmp" "$CONF"; chmod 644 "$CONF"
+printf '%s\n' "${NODES[@]}" >"$STATE/nodes"
 
 # Start "$@" detached in its own session, pid recorded as $1 (the program must stay in the foreground).
 launch() {
@@ -221,19 +236,23 @@ fi
 # No -c: the saved state keeps the job-id counter counting up across restarts.
 alive slurmctld slurmctld || launch slurmctld slurmctld -D -i
 wait_for slurmctld 60 bash -c 'scontrol ping | grep -q UP'
-alive slurmd slurmd || launch slurmd slurmd -D
-node_up() { [[ "$(node_state)" =~ ^(idle|mixed|allocated)$ ]]; }
-t0=$SECONDS
-until node_up; do
-    st=$(node_state)
-    if [[ $st == down* || $st == drain* ]] && (( SECONDS - t0 > 3 )); then
-        scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
-    fi
-    if (( SECONDS - t0 > 60 )); then
-        log "node $NODE not idle after 60s (state '$st'); slurmd log tail:"
-        tail -n 20 "$STATE/log/slurmd.log" >&2 || true
-        exit 6
-    fi
-    sleep 0.3
+for n in "${NODES[@]}"; do
+    mkdir -p "$STATE/spool/$n"
+    alive "slurmd-$n" slurmd || launch "slurmd-$n" slurmd -D -N "$n"
 done
-log "up: node $NODE ($(node_state)), state dir $STATE, accounting=$ACCOUNTING"
+t0=$SECONDS
+for n in "${NODES[@]}"; do
+    until node_up "$n"; do
+        st=$(node_state "$n")
+        if [[ $st == down* || $st == drain* ]] && (( SECONDS - t0 > 3 )); then
+            scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true
+        fi
+        if (( SECONDS - t0 > 60 )); then
+            log "node $n not idle after 60s (state '$st'); slurmd log tail:"
+            tail -n 20 "$STATE/log/slurmd-$n.log" "$STATE/log/slurmd-$n.out" >&2 || true
+            exit 6
+        fi
+        sleep 0.3
+    done
+done
+log "up: nodes ${NODES[*]} ($cpus CPUs each), state dir $STATE, accounting=$ACCOUNTING"

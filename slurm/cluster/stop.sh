@@ -12,11 +12,11 @@ STATE=${MOCOBENCH_SLURM_DIR:-/tmp/mocobench-slurm}
 MARKER="# mocobench-throwaway-slurm"
 log() { echo "[slurm-stop] $*" >&2; }
 
-pid_of() {  # pid recorded for daemon $1 if it is alive and still runs program $1, else nothing
+pid_of() {  # pid recorded as $1 (slurmctld, slurmd-NODE, ...) if alive and still that program, else nothing
     local f=$STATE/pids/$1.pid
     [[ -f $f ]] || return 0
     local pid; pid=$(cat "$f")
-    if [[ -r /proc/$pid/comm && $(cat "/proc/$pid/comm") == "$1"* ]]; then echo "$pid"; fi
+    if [[ -r /proc/$pid/comm && $(cat "/proc/$pid/comm") == "${1%%-*}"* ]]; then echo "$pid"; fi
 }
 
 # Cancel the jobs of our cluster so that no slurmstepd outlives slurmd (all jobs here are ours).
@@ -45,7 +45,9 @@ stop_wave() {
         log "stopped $name (pid $pid)"
     done
 }
-stop_wave slurmd slurmctld
+slurmds=()  # one slurmd per node: pids/slurmd-NODE.pid
+for f in "$STATE"/pids/slurmd*.pid; do [[ -e $f ]] && slurmds+=("$(basename "$f" .pid)"); done
+stop_wave "${slurmds[@]}" slurmctld
 stop_wave slurmdbd mariadbd munged
 
 for conf in /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf; do
