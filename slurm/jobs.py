@@ -5,6 +5,7 @@ pending | running | completed | failed | cancelled | timeout | unknown, with the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -189,3 +190,21 @@ def tail(path: str | Path | None, lines: int = 15) -> str:
         f.seek(max(0, size - 64 * 1024))
         text = f.read().decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
+
+
+SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.+)$")
+
+
+def first_task_failure(path: str | Path | None) -> str:
+    """In a multi-task job's log, srun's report of the first task that ended badly, as
+    'task 1 on node-2: Killed' ('' when there is none). The tasks after it fail because their peer is gone
+    or because srun stops them (--kill-on-bad-exit), so the first one is the cause."""
+    if not path or not Path(path).exists():
+        return ""
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = SRUN_TASK_ERROR.match(line.strip())
+            if m:
+                node, tasks, what = m.groups()
+                return f"task{'s' if not tasks.isdigit() else ''} {tasks} on {node}: {what}"
+    return ""

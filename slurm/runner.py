@@ -8,14 +8,14 @@ detectron2 with `--resume`). Protocol: submitit docs, "Checkpointing" (a signal 
 min(0.8 x limit, limit - 10 min) counts as a time-out, `max_timeouts` of them are requeued; preemption
 signals need the cluster's `SlurmctldParameters=preempt_send_user_signal`).
 
-Multi-task stages (DDP, one task per GPU) get RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
-from submitit's `TorchDistributedEnvironment` (Slurm: SLURM_PROCID etc. and the first node of the job).
+Multi-task stages (DDP, one task per GPU, on one or several nodes) get RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT from the job environment (slurm/rendezvous.py: SLURM_PROCID etc., the first node's
+address, a port fixed by the job id); detectron2 stages get `--num-machines/--machine-rank/--dist-url`.
 """
 from __future__ import annotations
 
 import importlib
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import submitit
 
 from mocobench.core.commands import dispatch
 from mocobench.core.errors import one_line
-from mocobench.slurm import state
+from mocobench.slurm import rendezvous, state
 
 # `call: cli` payloads: the command their argv starts with -> "module:function" taking the rest of argv
 CLI_COMMANDS: dict[str, tuple[str, str]] = {
@@ -98,7 +98,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def _run_dataclass(self, env) -> None:
         if env is not None and env.num_tasks > 1:
             # CUDA_VISIBLE_DEVICES stays as Slurm set it: the stages pick cuda:LOCAL_RANK themselves
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            rendezvous.export_torch_env(env)
         module = importlib.import_module(self.payload["module"])
         cls = getattr(module, self.payload["config_class"])
         fn = getattr(module, self.payload["function"])
@@ -109,9 +109,8 @@ class StageJob(submitit.helpers.Checkpointable):
         root = self.payload.get("data_root", "")
         argv += ["--data-root", _demo_data_root() if root == "demo" else root]
         if self.payload.get("multinode") and env is not None and env.num_nodes > 1:
-            port = random.Random(env.job_id).randint(20000, 60000)
             argv += ["--num-machines", str(env.num_nodes), "--machine-rank", str(env.node),
-                     "--dist-url", f"tcp://{env.hostnames[0]}:{port}"]
+                     "--dist-url", rendezvous.dist_url(env)]
         argv.append("--resume")  # detectron2 resumes from OUT/detectron2/last_checkpoint if there is one
         argv += list(self.payload.get("opts", []))
         print(f"stage {self.stage_id}: mocobench {' '.join(argv)}", flush=True)

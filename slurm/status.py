@@ -114,6 +114,9 @@ def render(rows: list[StageStatus], tail_lines: int = 15) -> str:
         lines.append("")
         lines.append(f"--- {r.id}: {r.state} (job {r.job_id}, {r.cluster}, scheduler state {r.raw or '?'}"
                      + (f", {r.reason}" if r.reason else "") + ")")
+        first = jobs.first_task_failure(r.stderr) if r.cluster == "slurm" else ""
+        if first:
+            lines.append(f"    first task to fail: {first} (srun); the job's other tasks were stopped after it")
         text = r.error or jobs.tail(r.stderr, tail_lines)
         if text:
             lines.append(f"    stderr tail ({r.stderr}):" if not r.error else "    error:")

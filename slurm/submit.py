@@ -61,6 +61,8 @@ def make_executor(folder: Path, cluster: str, res: sp.Resources, name: str, depe
         if dependency:
             extra["dependency"] = dependency
         params.update(slurm_signal_delay_s=res.signal_delay_s, slurm_additional_parameters=extra)
+        if res.nodes * res.tasks_per_node > 1:  # one dead rank ends the job instead of leaving the rest in a collective
+            params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(res, key):
                 params[f"slurm_{key}"] = getattr(res, key)
