@@ -9,8 +9,9 @@
 
 ShuffleBN: across ranks exactly as the paper (gather key inputs, shuffle, forward the local slice,
 unshuffle). Within one rank the batch is additionally split into `bn_groups` groups that each get their
-own BN statistics; with a single process this *emulates* multi-GPU ShuffleBN (it is not bit-identical to
-N GPUs: running statistics are updated once per group).
+own BN statistics; with a single process this *emulates* multi-GPU ShuffleBN: on the same pixels its weights
+match those of a `bn_groups`-rank run to fp32 rounding (tests/test_slurm_multinode.py), while BN running
+statistics differ (updated once per group).
 """
 from __future__ import annotations
 

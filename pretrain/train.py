@@ -287,6 +287,34 @@ class SkipFirst(torch.utils.data.Sampler):
         return itertools.islice(iter(self.sampler), skip, None)
 
 
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This rank's part of every global batch, the global batches being the same for any number of ranks.
+
+    The epoch's order is DistributedSampler's (`randperm` seeded with seed + epoch), cut into global batches
+    of `batch_size`; rank r of `world` takes the r-th contiguous block of each. One process gets exactly
+    DistributedSampler's order; W ranks train step for step on the images one process would, and rank r's
+    block is BN group r of a single process run with `bn_groups=W` (the emulation of ShuffleBN).
+    DistributedSampler's strided split (rank r takes every W-th image) would mix the groups.
+    """
+
+    def __init__(self, size: int, batch_size: int, world: int, rank: int, seed: int):
+        self.size, self.batch_size, self.world, self.rank, self.seed = size, batch_size, world, rank, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size * (self.batch_size // self.world)
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        steps = self.size // self.batch_size
+        order = torch.randperm(self.size, generator=g)[:steps * self.batch_size]
+        return iter(order.view(steps, self.world, -1)[:, self.rank].reshape(-1).tolist())
+
+
 # --- the fast path ----------------------------------------------------------------------------------------
 def cpu_bf16_is_fast() -> bool:
     """Whether bf16 autocast speeds up CPU training here: CPUs with AMX tiles, or AMD Zen 4+ (AVX512-BF16).
@@ -418,8 +446,7 @@ def run(cfg: PretrainConfig) -> dict:
     per_rank = cfg.batch_size // world
     if len(dataset) < cfg.batch_size:
         raise DataError(f"{dataset.root}: {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
-    sampler = SkipFirst(torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=dist.rank(),
-                                                            shuffle=True, seed=cfg.seed, drop_last=True))
+    sampler = SkipFirst(GlobalBatchSampler(len(dataset), cfg.batch_size, world, dist.rank(), cfg.seed))
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          collate_fn=collate_with_skips, persistent_workers=False)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from mocobench.core.config import parse_config
 from mocobench.core.errors import ConfigError
-from mocobench.pretrain.train import CONFIG_DIR, NonFiniteLossError, PretrainConfig, latest_checkpoint, main, run
+from mocobench.pretrain.train import (CONFIG_DIR, GlobalBatchSampler, NonFiniteLossError, PretrainConfig,
+                                      latest_checkpoint, main, run)
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +278,25 @@ def test_knn_monitor_holds_out_queries_the_bank_never_contains(tiny_folder):
     assert len(held) == 3 and not bank & held and len(bank) == 20
     labels = np.array(m.bank.dataset.targets)
     assert sorted(np.bincount(labels[sorted(bank)]).tolist()) == [6, 7, 7]  # class-balanced draw
+
+
+@pytest.mark.parametrize("size,batch,world", [(37, 8, 2), (64, 16, 4), (20, 6, 3)])
+def test_global_batches_are_the_same_for_any_number_of_ranks(size, batch, world):
+    """One rank: DistributedSampler's order (minus the last partial batch). W ranks: rank r takes the r-th
+    contiguous block of every global batch, so the blocks side by side give the one-rank order."""
+    for epoch in (0, 3):
+        reference = torch.utils.data.DistributedSampler(range(size), num_replicas=1, rank=0, shuffle=True, seed=7)
+        reference.set_epoch(epoch)
+        one = GlobalBatchSampler(size, batch, 1, 0, seed=7)
+        one.set_epoch(epoch)
+        assert list(one) == list(reference)[:size // batch * batch] and len(one) == size // batch * batch
+        ranks = []
+        for r in range(world):
+            sampler = GlobalBatchSampler(size, batch, world, r, seed=7)
+            sampler.set_epoch(epoch)
+            ranks.append(list(sampler))
+            assert len(ranks[-1]) == len(sampler) == size // batch * (batch // world)
+        per = batch // world
+        joined = [i for step in range(size // batch) for r in range(world)
+                  for i in ranks[r][step * per:(step + 1) * per]]
+        assert joined == list(one)
