@@ -44,11 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding VOC2007/ and VOC2012/ (or VOCdevkit/VOC20xx/) and/or coco/ "
                         "(default: $DETECTRON2_DATASETS or ./datasets)")
     p.add_argument("--trial", type=int, default=0, help="trial index; also the random seed")
-    p.add_argument("--num-gpus", type=int, default=None, help="GPUs per machine, 0 = CPU (default: all visible)")
+    p.add_argument("--num-gpus", type=int, default=None,
+                   help="GPUs per machine, 0 = CPU: one process per machine, gloo (default: all visible)")
     p.add_argument("--num-machines", type=int, default=1, help="machines in a multi-node job")
     p.add_argument("--machine-rank", type=int, default=0, help="rank of this machine in a multi-node job")
     p.add_argument("--dist-url", default="auto",
-                   help="torch.distributed init URL; 'auto' = free local port (single machine only)")
+                   help="torch.distributed init URL, tcp://HOST:PORT of machine 0 (the same on every machine); "
+                        "'auto' = free local port (single machine only)")
     p.add_argument("--linear-scaling", action="store_true",
                    help="on fewer (or more) than 8 GPUs, keep 2 images per GPU and scale lr and iterations linearly "
                         "off the 8-GPU reference (detectron2 REFERENCE_WORLD_SIZE 8); default: the reference's "
@@ -132,8 +134,11 @@ def prepare(args: argparse.Namespace):
         raise TransferError(f"config overrides must be KEY VALUE pairs, got {args.opts}")
     if args.num_gpus < 0 or args.num_machines < 1:
         raise TransferError("--num-gpus must be >= 0 and --num-machines >= 1")
-    if args.num_gpus == 0 and args.num_machines > 1:
-        raise TransferError("multi-machine jobs need GPUs (--num-gpus > 0)")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise TransferError(f"--machine-rank {args.machine_rank}: expected 0 .. {args.num_machines - 1} "
+                            f"(--num-machines {args.num_machines})")
+    if args.num_machines > 1 and not args.dist_url.startswith("tcp://"):
+        raise TransferError(f"--dist-url {args.dist_url!r}: a multi-machine job needs tcp://HOST:PORT of machine 0")
     if args.num_gpus > _visible_gpus():
         raise TransferError(f"--num-gpus {args.num_gpus} but {_visible_gpus()} CUDA devices are visible")
     start = now_iso()

@@ -7,17 +7,20 @@ written as metrics.json by the main process. Imported only once detectron2 is kn
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, create_ddp_model, default_setup
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
@@ -106,7 +109,16 @@ def has_fast_coco_eval() -> bool:
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the evaluator chosen by the dataset (one bbox evaluator per dataset)."""
+    """DefaultTrainer with the evaluator chosen by the dataset (one bbox evaluator per dataset), and DDP on
+    CPU for multi-machine CPU runs (one gloo process per machine)."""
+
+    def __init__(self, cfg):
+        if cfg.MODEL.DEVICE != "cpu":
+            super().__init__(cfg)
+            return
+        # detectron2 wraps the model with device_ids=[local rank], which DDP refuses for CPU modules
+        with mock.patch.object(d2_defaults, "create_ddp_model", functools.partial(create_ddp_model, device_ids=None)):
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
