@@ -139,3 +139,50 @@ def tiny_pretrain_fields(data: str | Path, epochs: int = 2) -> dict:
     """PretrainConfig fields (on top of the shipped `demo` config) for a seconds-long run on 1 CPU."""
     return {"data": str(data), "width": 8, "image_size": 16, "batch_size": 8, "moco_k": 32, "bn_groups": 2,
             "epochs": epochs, "workers": 0, "print_freq": 1}
+
+
+# ------------------------------------------------------------------ multi-node test payloads
+
+def _fixed_views(image_size: int, *args, **kwargs):
+    """A deterministic stand-in for the MoCo augmentation: resize to `image_size`, to tensor."""
+    from torchvision import transforms
+    return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
+
+
+def pretrain_config(**fields):
+    """PretrainConfig(**fields), named here so that a StageJob payload can point at this module."""
+    from mocobench.pretrain.train import PretrainConfig
+    return PretrainConfig(**fields)
+
+
+def pretrain_fixed_views(cfg) -> dict:
+    """`mocobench pretrain` with the random augmentation replaced by fixed views, so that runs with
+    different numbers of ranks see the same pixels and can be compared weight for weight (each rank draws
+    its augmentations from its own random stream; nothing else in a step depends on the rank count)."""
+    from mocobench.pretrain import train
+    train.moco_augmentation = _fixed_views
+    return train.run(cfg)
+
+
+def usable_nodes() -> list[str]:
+    """Names of the nodes `sinfo` reports as idle, mixed or allocated."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30)
+    return sorted({line.split()[0] for line in out.stdout.splitlines()
+                   if len(line.split()) == 2 and line.split()[1].startswith(("idle", "mixed", "alloc"))})
+
+
+def task_pids(job_id: str, rank: int) -> list[int]:
+    """Processes of Slurm job `job_id` running task `rank` (SLURM_PROCID) of its step: the submitit
+    Python process and anything it started. Needs permission to read /proc/PID/environ (root, or the
+    job's own user)."""
+    want = {b"SLURM_JOB_ID=" + str(job_id).encode(), b"SLURM_PROCID=" + str(rank).encode()}
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            fields = set(environ.read_bytes().split(b"\0"))
+            cmdline = (environ.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if want <= fields and b"python" in cmdline:
+            pids.append(int(environ.parent.name))
+    return pids

@@ -3,10 +3,12 @@
 `demo_data`: the embedded demo dataset (core/demo_data.py), generated once per machine into
 REPO/.cache/demo-data (gitignored) and reused by every later test run. $MOCOBENCH_DATA is pointed there
 for the whole test session, so code under test that asks for the demo data (`--data demo`,
-`ensure_demo_data()` with no root, subprocesses and submitit jobs) uses the same copy.
+`ensure_demo_data()` with no root, subprocesses and submitit jobs) uses the same copy. `smoke_root`: a
+slice of it in detectron2's layouts for the detectron2 smoke runs.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -49,3 +51,37 @@ def demo_checkpoints(tmp_path_factory, demo_data):
                                            "--workers", "0", "--out", str(out)], "t", "t", search_dir=CONFIG_DIR)
     run(cfg)
     return {"pretrained": str(out / "checkpoint_0000.pth.tar"), "random": "random:resnet18_small:16"}
+
+
+SMOKE_TRAIN, SMOKE_TEST = 12, 12  # demo images per split used by the detectron2 CPU smoke runs
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.symlink_to(src, target_is_directory=src.is_dir())
+
+
+@pytest.fixture(scope="session")
+def smoke_root(demo_data, tmp_path_factory):
+    """The first demo images of each split, in detectron2's standard layout (VOC2007/, *2017 COCO names),
+    for the detectron2 smoke runs; images and XML files are links into the demo data, split lists and
+    COCO json are cut down."""
+    demo = demo_data
+    root = tmp_path_factory.mktemp("smoke-data")
+    voc = root / "VOC2007"
+    for sub in ("Annotations", "JPEGImages"):
+        _link(demo.voc / sub, voc / sub)
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    for split, n in (("trainval", SMOKE_TRAIN), ("test", SMOKE_TEST)):
+        ids = (demo.voc / "ImageSets" / "Main" / f"{split}.txt").read_text().split()[:n]
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    for split, n in (("train", SMOKE_TRAIN), ("val", SMOKE_TEST)):
+        data = json.loads((demo.coco / "annotations" / f"instances_{split}.json").read_text())
+        data["images"] = data["images"][:n]
+        keep = {im["id"] for im in data["images"]}
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+        out = root / "coco" / "annotations" / f"instances_{split}2017.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data))
+        _link(demo.coco / split, root / "coco" / f"{split}2017")
+    return root

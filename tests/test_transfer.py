@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 HAS_D2 = importlib.util.find_spec("detectron2") is not None
 needs_d2 = pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed; run "
                               "`bash transfer/install_detectron2.sh .venv/bin/python` (make install does)")
-SMOKE_TRAIN, SMOKE_TEST = 12, 12  # demo images per split used by the CPU smoke runs
 # pycocotools' mask encoding with numpy 2: one DeprecationWarning per predicted mask
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
 
@@ -269,35 +268,6 @@ def test_flatten_results_names():
 # CPU smoke (CI): each recipe family, a few iterations on a slice of the demo data
 # ---------------------------------------------------------------------------------------------------
 
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src, target_is_directory=src.is_dir())
-
-
-@pytest.fixture(scope="module")
-def smoke_root(demo, tmp_path_factory):
-    """The first demo images of each split, in detectron2's standard layout (VOC2007/, *2017 COCO names);
-    images and XML files are links into the demo data, split lists and COCO json are cut down."""
-    root = tmp_path_factory.mktemp("smoke-data")
-    voc = root / "VOC2007"
-    for sub in ("Annotations", "JPEGImages"):
-        _link(demo.voc / sub, voc / sub)
-    (voc / "ImageSets" / "Main").mkdir(parents=True)
-    for split, n in (("trainval", SMOKE_TRAIN), ("test", SMOKE_TEST)):
-        ids = (demo.voc / "ImageSets" / "Main" / f"{split}.txt").read_text().split()[:n]
-        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-    for split, n in (("train", SMOKE_TRAIN), ("val", SMOKE_TEST)):
-        data = json.loads((demo.coco / "annotations" / f"instances_{split}.json").read_text())
-        data["images"] = data["images"][:n]
-        keep = {im["id"] for im in data["images"]}
-        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
-        out = root / "coco" / "annotations" / f"instances_{split}2017.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data))
-        _link(demo.coco / split, root / "coco" / f"{split}2017")
-    return root
-
-
 _RUNS: dict[str, Path] = {}
 
 
@@ -393,6 +363,9 @@ def test_runner_input_errors(smoke_root, tmp_path, capsys):
         (["--weights", "none", "SOLVER.NOT_A_KEY", "1"], "SOLVER.NOT_A_KEY"),
         (["--weights", "none", "SOLVER.MAX_ITER"], "KEY VALUE pairs"),
         (["--weights", "random:resnet18"], "bottleneck ResNet"),
+        (["--weights", "none", "--num-machines", "2", "--machine-rank", "2", "--dist-url", "tcp://h:1"],
+         "--machine-rank 2: expected 0 .. 1"),
+        (["--weights", "none", "--num-machines", "2"], "needs tcp://HOST:PORT of machine 0"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2, extra
