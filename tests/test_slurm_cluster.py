@@ -1,4 +1,4 @@
-"""submitit against a real (throw-away, single-node) Slurm: plain job, afterok dependency, job array,
+"""submitit against a real (throw-away, on loopback) Slurm: plain job, afterok dependency, job array,
 a failing job reported with its stderr, and a Checkpointable job preempted with USR2 that requeues and
 resumes. Skipped with the reason when no cluster can be started (needs root + Debian packages)."""
 from __future__ import annotations

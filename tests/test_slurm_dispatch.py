@@ -1,4 +1,4 @@
-"""`mocobench sweep` through a real Slurm (the throw-away single-node cluster of slurm/cluster/start.sh):
+"""`mocobench sweep` through a real Slurm (the throw-away cluster of slurm/cluster/start.sh):
 a preempted pretrain that requeues and resumes to the same weights as an uninterrupted run, a 2-task DDP
 pretrain over gloo, and job arrays with aftercorr dependencies and a failing stage. The three sweeps are
 submitted together (--no-wait) so that they overlap; each test then waits for its own. Skipped, with the

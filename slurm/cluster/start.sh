@@ -16,7 +16,7 @@
 #   MOCOBENCH_SLURM_DB_PORT     MariaDB TCP port on 127.0.0.1 (default 3307)
 #   MOCOBENCH_SLURM_NODES       compute nodes (default 2). One node is named after the host (`hostname -s`);
 #                               N > 1 are HOST-1 .. HOST-N, all at 127.0.0.1, slurmd ports 6831 .. Jobs
-#                               find a node's address with `scontrol show node` (core/slurm_env.py), since
+#                               find a node's address with `scontrol show node` (slurm/rendezvous.py), since
 #                               the names HOST-i resolve nowhere.
 #   MOCOBENCH_SLURM_CPUS        CPUs each node advertises (default: max(detected, 4) / nodes, at least 1:
 #                               test jobs mostly wait on imports and I/O, so 2x oversubscription lets the
