@@ -22,7 +22,8 @@
 #                               test jobs mostly wait on imports and I/O, so 2x oversubscription lets the
 #                               test sweeps overlap; set it to `nproc` for a faithful single node)
 # Needs root and Debian packages (installed with apt-get when missing). Exit codes: 0 up,
-# 3 not root, 4 packages unavailable, 5 a foreign slurm.conf exists, 6 a daemon failed to start.
+# 3 not root, 4 packages unavailable, 5 a foreign slurm.conf exists, 6 a daemon failed to start,
+# 7 a running cluster has another node set (stop.sh first), 2 bad MOCOBENCH_SLURM_NODES.
 set -euo pipefail
 
 STATE=${MOCOBENCH_SLURM_DIR:-/tmp/mocobench-slurm}
@@ -45,6 +46,9 @@ alive() {
     [[ -r /proc/$pid/comm ]] && [[ $(cat "/proc/$pid/comm") == "$2"* ]]
 }
 
+NNODES=${MOCOBENCH_SLURM_NODES:-2}
+[[ $NNODES =~ ^[1-9][0-9]*$ ]] || die 2 "MOCOBENCH_SLURM_NODES=$NNODES: expected a whole number >= 1"
+
 node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -1; }
 node_up() { [[ "$(node_state "$1")" =~ ^(idle|mixed|allocated) ]]; }
 
@@ -54,7 +58,7 @@ if [[ -f $STATE/nodes ]] && alive slurmctld slurmctld; then
     mapfile -t NODES <"$STATE/nodes"
     up=1
     for n in "${NODES[@]}"; do alive "slurmd-$n" slurmd && node_up "$n" || up=0; done
-    if (( up )) && (( ${#NODES[@]} == ${MOCOBENCH_SLURM_NODES:-2} )); then
+    if (( up )) && (( ${#NODES[@]} == NNODES )); then
         log "already running (state dir $STATE, nodes ${NODES[*]})"
         exit 0
     fi
@@ -88,9 +92,10 @@ fi
 mkdir -p "$STATE"/{pids,log,ctld,spool,munge,mysql-run}
 chown munge:munge "$STATE/munge"; chmod 755 "$STATE/munge"   # munged: socket dir must be o+x
 HOST=$(hostname -s)
-NNODES=${MOCOBENCH_SLURM_NODES:-2}
-[[ $NNODES =~ ^[1-9][0-9]*$ ]] || die 2 "MOCOBENCH_SLURM_NODES=$NNODES: expected a whole number >= 1"
 if (( NNODES == 1 )); then NODES=("$HOST"); else NODES=(); for i in $(seq "$NNODES"); do NODES+=("$HOST-$i"); done; fi
+if alive slurmctld slurmctld && [[ "$(cat "$STATE/nodes" 2>/dev/null)" != "$(printf '%s\n' "${NODES[@]}")" ]]; then
+    die 7 "the running cluster has other nodes ($(echo $(cat "$STATE/nodes" 2>/dev/null || echo unknown))); run stop.sh first to start ${NODES[*]}"
+fi
 MUNGE_SOCK=$STATE/munge/munge.socket.2
 
 hw=$(slurmd -C | head -1)                   # NodeName=vm CPUs=2 Boards=1 ... RealMemory=24105
