@@ -1,4 +1,4 @@
-"""Backbones: any torchvision ResNet by name, plus small-image variants `<resnet>_small`.
+"""Backbones: any torchvision ResNet by name, small-image variants `<resnet>_small`, and ViTs (core/vit.py).
 
 The small variants (for 32-96 px data, like CIFAR ResNets) replace the 7x7/2 stem and max-pool with a
 3x3/1 conv and take a `width` (channels of the first stage; 64 = standard). Parameter names are exactly
@@ -10,6 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
+from mocobench.core.vit import build_vit, infer_vit_arch, is_vit, vit_archs
+
 SMALL_SUFFIX = "_small"
 
 
@@ -20,11 +22,16 @@ def is_small(arch: str) -> bool:
 def available_archs() -> list[str]:
     names = [n for n in torchvision.models.resnet.__all__ if n.startswith(("resnet", "wide_resnet", "resnext"))
              and n[0].islower()]
-    return names + [n + SMALL_SUFFIX for n in names]
+    return names + [n + SMALL_SUFFIX for n in names] + vit_archs()
 
 
 def build_backbone(arch: str = "resnet50", num_classes: int = 1000, width: int = 64) -> nn.Module:
-    """A randomly initialised torchvision ResNet (or small-stem variant) with an `fc` of `num_classes`."""
+    """A randomly initialised torchvision ResNet (or small-stem variant, or ViT) with an `fc` of `num_classes`."""
+    if is_vit(arch):
+        if width != 64:
+            raise ValueError(f"width={width} is only supported for the small-image ResNets (*{SMALL_SUFFIX}); "
+                             f"a ViT's size is in its name ({arch})")
+        return build_vit(arch, num_classes)
     base = arch[: -len(SMALL_SUFFIX)] if is_small(arch) else arch
     if base not in torchvision.models.resnet.__all__ or not base[0].islower():
         raise ValueError(f"unknown arch {arch!r}; choose one of {available_archs()}")
@@ -59,11 +66,13 @@ def _small_stem(model: torchvision.models.ResNet, width: int, num_classes: int) 
 
 
 def infer_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:
-    """Guess (arch, width) from a torchvision-named ResNet state dict (fc optional).
+    """Guess (arch, width) from a torchvision-named ResNet or timm-named ViT state dict (fc optional).
 
     Depth comes from the number of blocks per stage and the block type (3 convs = Bottleneck);
     the stem size tells the small variants apart; width is conv1's output channels.
     """
+    if "cls_token" in state_dict:
+        return infer_vit_arch(state_dict), 64
     if "conv1.weight" not in state_dict:
         raise ValueError("not a torchvision ResNet state dict: no 'conv1.weight' key")
     depths = []
