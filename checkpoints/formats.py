@@ -4,7 +4,8 @@
 and renames the ResNet's keys to torchvision's (see `LoadedCheckpoint`); a projection head, if any, is
 kept aside. A new input format is one reader. Supported layouts (sources in docs/checkpoints.md): MoCo
 v1/v2 (ours and facebookresearch/moco), MoCo v3 ResNet, MMSelfSup/OpenSelfSup, VISSL, torchvision, timm
-training checkpoints, `module.`-prefixed DDP dumps (SwAV, DINO, BYOL style) and detectron2 `.pkl` files.
+training checkpoints, `module.`-prefixed DDP dumps (SwAV, DINO, BYOL style) and detectron2 `.pkl` files; and ViTs (into timm's
+names, core/vit.py): MoCo v3, DINO, MAE, timm, torchvision `vit_*` and MMSelfSup.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from mocobench.checkpoints.canonical import LoadedCheckpoint
 from mocobench.checkpoints.detectron2_names import d2_to_tv
 from mocobench.checkpoints.random_init import parse_random_spec, random_model
 from mocobench.checkpoints.safe_load import safe_load
+from mocobench.checkpoints.vit_names import mmselfsup_to_timm, timm_to_canonical, torchvision_to_timm
 from mocobench.core.backbones import infer_arch
 from mocobench.core.errors import CheckpointError
 from mocobench.core.records import file_md5
 
 _BACKBONE_KEY = re.compile(r"^(conv1|bn1)\.[^.]+$|^layer[1-4]\.\d+\.")
+_VIT_KEY = re.compile(r"^(cls_token|pos_embed)$|^patch_embed\.proj\.|^blocks\.\d+\.|^norm\.(weight|bias)$")
 
 
 @dataclass
@@ -40,6 +43,7 @@ class _Layout:
     epoch: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     outside: list[str] = field(default_factory=list)  # other source keys, reported as dropped
+    droppable: tuple[str, ...] = ()  # ViT layouts: names under the prefix that are not the backbone (MAE decoder)
 
 
 def _sub(obj: Any, key: str) -> Mapping | None:
@@ -53,6 +57,11 @@ def _names(obj: Mapping | None, prefix: str = "") -> list[str]:
 
 def _with_prefix(sd: Mapping, *prefixes: str) -> str | None:
     return next((p for p in prefixes if f"{p}conv1.weight" in sd), None)
+
+
+def _vit_prefix(sd: Mapping, *prefixes: str) -> str | None:
+    """The prefix under which a timm-named ViT lives (its class token and patch embedding)."""
+    return next((p for p in prefixes if f"{p}cls_token" in sd and f"{p}patch_embed.proj.weight" in sd), None)
 
 
 def _read_detectron2(obj: Any) -> _Layout | None:
@@ -95,27 +104,49 @@ def _read_moco(obj: Any) -> _Layout | None:
 
 
 def _read_moco_v3(obj: Any) -> _Layout | None:
-    sd = _sub(obj, "state_dict")
-    prefix = _with_prefix(sd or {}, "module.base_encoder.", "base_encoder.")
-    if prefix is None:
+    """facebookresearch/moco-v3 `main_moco.py`: ResNet (`fc` = projector) or ViT (`head` = projector)."""
+    sd = _sub(obj, "state_dict") or {}
+    prefix = _with_prefix(sd, "module.base_encoder.", "base_encoder.")
+    vit = _vit_prefix(sd, "module.base_encoder.", "base_encoder.")
+    if prefix is None and vit is None:
         return None
-    return _Layout("moco_v3", sd, prefix=prefix, epoch=obj.get("epoch"), meta={"stored_arch": obj.get("arch")})
+    return _Layout("moco_v3", sd, prefix=prefix or vit, epoch=obj.get("epoch"),
+                   rename=timm_to_canonical if vit else (lambda k: k), meta={"stored_arch": obj.get("arch")})
 
 
 def _read_mmselfsup(obj: Any) -> _Layout | None:
+    """MMSelfSup/OpenSelfSup: `backbone.` ResNet (torchvision names) or ViT (mmpretrain names)."""
     sd = _sub(obj, "state_dict")
-    if sd is None or "backbone.conv1.weight" not in sd:
+    if sd is None or not ("backbone.conv1.weight" in sd or "backbone.patch_embed.projection.weight" in sd):
         return None
     meta = _sub(obj, "meta") or {}
-    return _Layout("mmselfsup", sd, prefix="backbone.", epoch=meta.get("epoch"))
+    vit = "backbone.patch_embed.projection.weight" in sd
+    return _Layout("mmselfsup", sd, prefix="backbone.", epoch=meta.get("epoch"),
+                   rename=mmselfsup_to_timm if vit else (lambda k: k))
 
 
 def _read_timm(obj: Any) -> _Layout | None:
+    """timm CheckpointSaver files (ResNet or ViT), and plain timm-named ViT state dicts."""
     sd = _sub(obj, "state_dict")
-    if sd is None or "arch" not in obj or not ({"version", "args"} & set(obj)) or "conv1.weight" not in sd:
+    if sd is not None and "arch" in obj and {"version", "args"} & set(obj) and (
+            "conv1.weight" in sd or _vit_prefix(sd, "") == ""):
+        return _Layout("timm", sd, fc_is_head=False, epoch=obj.get("epoch"), rename=timm_to_canonical,
+                       meta={"stored_arch": obj.get("arch")}, outside=_names(_sub(obj, "state_dict_ema"), "state_dict_ema."))
+    for wrapper in (None, "state_dict", "model"):
+        sd = obj if wrapper is None else _sub(obj, wrapper)
+        if sd is not None and _vit_prefix(sd, "") == "" and "blocks.0.attn.qkv.weight" in sd:
+            return _Layout("timm", sd, fc_is_head=False, rename=timm_to_canonical, epoch=obj.get("epoch"),
+                           meta={"wrapper": wrapper})
+    return None
+
+
+def _read_mae(obj: Any) -> _Layout | None:
+    """facebookresearch/mae `main_pretrain.py`: `model` (encoder in timm names + decoder_*, mask_token),
+    `optimizer`, `epoch`, `scaler`, `args`; the encoder is kept, the decoder dropped."""
+    sd = _sub(obj, "model")
+    if sd is None or _vit_prefix(sd, "") != "" or not ("mask_token" in sd or "decoder_embed.weight" in sd):
         return None
-    return _Layout("timm", sd, fc_is_head=False, epoch=obj.get("epoch"), meta={"stored_arch": obj.get("arch")},
-                   outside=_names(_sub(obj, "state_dict_ema"), "state_dict_ema."))
+    return _Layout("mae", sd, rename=timm_to_canonical, epoch=obj.get("epoch"), droppable=("mask_token", "decoder_"))
 
 
 def _read_torchvision(obj: Any) -> _Layout | None:
@@ -123,6 +154,8 @@ def _read_torchvision(obj: Any) -> _Layout | None:
         sd = obj if wrapper is None else _sub(obj, wrapper)
         if sd is not None and "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
             return _Layout("torchvision", sd, fc_is_head=False, meta={"wrapper": wrapper})
+        if sd is not None and "class_token" in sd and "conv_proj.weight" in sd:  # torchvision vit_*
+            return _Layout("torchvision", sd, fc_is_head=False, rename=torchvision_to_timm, meta={"wrapper": wrapper})
     return None
 
 
@@ -149,18 +182,20 @@ def _read_ddp(obj: Any) -> _Layout | None:
     if not dino and not any(str(k).startswith("module.") for k in sd):
         return None
     found = [str(k)[: -len("conv1.weight")] for k in sd if str(k).endswith("conv1.weight")]
-    candidates = sorted((p for p in found if f"{p}layer1.0.conv1.weight" in sd and (dino or p.startswith("module."))),
-                        key=_rank)
+    found += [str(k)[: -len("cls_token")] for k in sd if str(k).endswith("cls_token")]
+    candidates = sorted((p for p in found if (f"{p}layer1.0.conv1.weight" in sd or _vit_prefix(sd, p) == p)
+                         and (dino or p.startswith("module."))), key=_rank)
     if not candidates:
         return None
     if len(candidates) > 1 and _rank(candidates[0]) == _rank(candidates[1]):
         raise ValueError(f"several ResNets in one state dict ({', '.join(candidates)}) and no rule to pick one; "
                          f"extract the one you want into a plain torchvision state dict first")
+    vit = _vit_prefix(sd, candidates[0]) is not None
     return _Layout("ddp", sd, prefix=candidates[0], fc_is_head=False, epoch=obj.get("epoch"), meta=meta,
-                   outside=outside)
+                   outside=outside, rename=timm_to_canonical if vit else (lambda k: k))
 
 
-_READERS = (_read_detectron2, _read_vissl, _read_moco, _read_moco_v3, _read_mmselfsup, _read_timm,
+_READERS = (_read_detectron2, _read_vissl, _read_moco, _read_moco_v3, _read_mmselfsup, _read_mae, _read_timm,
             _read_torchvision, _read_ddp)
 
 
@@ -214,25 +249,30 @@ def load_backbone(path: str | Path, trust: bool = False) -> LoadedCheckpoint:
         raise CheckpointError(
             f"{path}: unknown checkpoint format. Top-level keys: {sorted(map(str, obj))[:20]}; sample of "
             f"parameter names: {_tensor_names(obj) or 'none found'}. Supported: MoCo v1/v2/v3, MMSelfSup, "
-            f"VISSL, torchvision, timm, module.-prefixed DDP (SwAV/DINO/BYOL), detectron2 .pkl")
+            f"VISSL, torchvision, timm, MAE, module.-prefixed DDP (SwAV/DINO/BYOL), detectron2 .pkl")
     return _canonicalise(path, layout)
 
 
 def _canonicalise(path: Path, layout: _Layout) -> LoadedCheckpoint:
-    state, fc, kept, dropped, key_map = {}, {}, [], list(), {}
+    state, fc, kept, dropped, key_map, unmatched = {}, {}, [], list(), {}, []
     for src, value in layout.weights.items():
         src = str(src)
         name = layout.rename(src[len(layout.prefix):]) if src.startswith(layout.prefix) else None
         tensor = _as_tensor(value)
         if name is None or tensor is None:
             dropped.append(src)
-        elif _BACKBONE_KEY.match(name):
+        elif _BACKBONE_KEY.match(name) or _VIT_KEY.match(name):
             state[name], key_map[src] = tensor, name
             kept.append(src)
         elif name.startswith("fc."):
             fc[name], key_map[src] = tensor, name
         else:
             dropped.append(src)
+            if not name.startswith(layout.droppable or ("\0",)):
+                unmatched.append(src)
+    if "cls_token" in state and unmatched:  # a ViT with parts the canonical timm ViT has no place for
+        raise CheckpointError(f"{path}: {layout.format} ViT checkpoint with keys that match no part of a timm "
+                              f"ViT ({len(unmatched)}): {', '.join(unmatched[:8])}" + (" ..." if len(unmatched) > 8 else ""))
     has_fc = not layout.fc_is_head and _is_classifier(fc)
     fc_src = [s for s, n in key_map.items() if n.startswith("fc.")]
     if has_fc:
@@ -244,12 +284,12 @@ def _canonicalise(path: Path, layout: _Layout) -> LoadedCheckpoint:
         dropped += fc_src
     if not state:
         raise CheckpointError(f"{path}: {layout.format} checkpoint with an empty backbone state dict "
-                              f"(no ResNet weights under {layout.prefix or 'the top level'!r})")
+                              f"(no ResNet or ViT weights under {layout.prefix or 'the top level'!r})")
     try:
         arch, width = infer_arch(state)
     except ValueError as e:
         raise CheckpointError(f"{path}: {layout.format} checkpoint, but the weights are not a torchvision "
-                              f"ResNet: {e}; sample of names: {list(state)[:6]}") from None
+                              f"ResNet or a ViT: {e}; sample of names: {list(state)[:6]}") from None
     epoch = layout.epoch if isinstance(layout.epoch, int) and not isinstance(layout.epoch, bool) else None
     return LoadedCheckpoint(source=str(path), format=layout.format, arch=arch, width=width, state_dict=state,
                             has_fc=has_fc, epoch=epoch, md5=file_md5(path), kept=kept,

@@ -11,6 +11,17 @@ Layers (MMSelfSup `MultiPooling` / VISSL naming: feature1 = stem, feature2..5 = 
   voc_svm             res5 -> AvgPool2d(6, stride 1) (8192-d at 224 px), the VOC07 SVM feature of VISSL and
                       MMSelfSup; maps smaller than 6 px (small-image demo models) use a 2x2 adaptive pool.
 
+ViT layers (the token sequence after each block, with the final norm applied, as DINO's
+`get_intermediate_layers`):
+
+  cls                 the CLS token after the last block and the final norm: what MoCo v3 `main_lincls.py`, DINO's
+                      kNN (`eval_knn.py`) and timm's `global_pool='token'` use (384-d for ViT-S).
+  patch_mean          the mean of the last block's patch tokens (DINO `eval_linear.py --avgpool_patchtokens`).
+  cls_last4           the CLS tokens of the last 4 blocks, concatenated (DINO `eval_linear.py` for ViT-S,
+                      `n_last_blocks 4`; 1536-d for ViT-S).
+
+ResNet layers on a ViT, or ViT layers on a ResNet, are errors naming the layers that apply.
+
 The backbone runs in eval() mode (BN uses its running statistics) under no_grad, fp32 by default; `amp`
 gives bf16 autocast (a fast path whose deviation from fp32 is bounded by a test).
 """
@@ -28,7 +39,10 @@ from mocobench.checkpoints.models import model_from_checkpoint
 from mocobench.core.distributed import amp_dtype
 from mocobench.core.errors import ConfigError, DataError
 
-FEATURE_LAYERS = ("feature1", "feature2", "feature3", "feature4", "feature5", "avgpool", "voc_svm")
+RESNET_LAYERS = ("feature1", "feature2", "feature3", "feature4", "feature5", "avgpool", "voc_svm")
+VIT_LAYERS = ("cls", "patch_mean", "cls_last4")
+FEATURE_LAYERS = RESNET_LAYERS + VIT_LAYERS
+VIT_LAST_BLOCKS = {"cls": 1, "patch_mean": 1, "cls_last4": 4}
 STAGE_OF_LAYER = {"feature1": 0, "feature2": 1, "feature3": 2, "feature4": 3, "feature5": 4, "avgpool": 4,
                   "voc_svm": 4}
 # MMSelfSup MultiPooling for ResNet-50 at 224 px: map size -> (kernel, stride, padding), and output grids.
@@ -70,16 +84,53 @@ def pool_map(layer: str, fmap: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(fmap, POOL_SIZES[stage])
 
 
+def is_vit_model(model: nn.Module) -> bool:
+    return hasattr(model, "cls_token") and hasattr(model, "blocks")
+
+
+def vit_last_tokens(model: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The token sequences (N, 1 + patches, D) after the last `n` blocks of a timm ViT, each through the
+    final norm (DINO `vision_transformer.py` `get_intermediate_layers`)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    out = []
+    for i, block in enumerate(model.blocks):
+        x = block(x)
+        if i >= len(model.blocks) - n:
+            out.append(model.norm(x))
+    return out
+
+
+def vit_feature(layer: str, tokens: list[torch.Tensor]) -> torch.Tensor:
+    """A ViT layer's feature (N, D, 1, 1) from `vit_last_tokens` (see the module docstring)."""
+    if layer == "cls":
+        f = tokens[-1][:, 0]
+    elif layer == "patch_mean":
+        f = tokens[-1][:, 1:].mean(dim=1)
+    else:
+        f = torch.cat([t[:, 0] for t in tokens[-VIT_LAST_BLOCKS[layer]:]], dim=-1)
+    return f[:, :, None, None]
+
+
 class LayerFeatures(nn.Module):
-    """Pooled feature maps {layer: (N, C, h, w)} of a frozen torchvision ResNet (runs only the stages needed)."""
+    """Pooled features {layer: (N, C, h, w)} of a frozen torchvision ResNet (runs only the stages needed) or a
+    timm ViT (ViT layers are (N, D, 1, 1))."""
 
     def __init__(self, backbone: nn.Module, layers: list[str] | tuple[str, ...]):
         super().__init__()
         self.backbone = backbone
         self.layers = [check_layer(layer) for layer in layers]
-        self.upto = max(STAGE_OF_LAYER[layer] for layer in self.layers)
+        self.vit = is_vit_model(backbone)
+        kind, allowed = ("ViT", VIT_LAYERS) if self.vit else ("ResNet", RESNET_LAYERS)
+        wrong = [layer for layer in self.layers if layer not in allowed]
+        if wrong:
+            raise ConfigError(f"layer {', '.join(wrong)} does not apply to a {kind}; its layers: {', '.join(allowed)}")
+        self.upto = (max(VIT_LAST_BLOCKS[layer] for layer in self.layers) if self.vit
+                     else max(STAGE_OF_LAYER[layer] for layer in self.layers))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.vit:
+            tokens = vit_last_tokens(self.backbone, x, self.upto)
+            return {layer: vit_feature(layer, tokens) for layer in self.layers}
         maps = stage_maps(self.backbone, x, self.upto)
         return {layer: pool_map(layer, maps[STAGE_OF_LAYER[layer]]) for layer in self.layers}
 

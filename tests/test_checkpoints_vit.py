@@ -1,0 +1,245 @@
+"""ViT checkpoints in the layouts their projects write: detected, read into timm's names, same features.
+
+Fixtures are written here from a random timm-built ViT (core/vit.py, `vit_demo`), with each project's key
+layout restated from its source: facebookresearch/moco-v3 (main_moco.py, moco/builder.py MoCo_ViT, vits.py),
+facebookresearch/dino (main_dino.py save_dict), facebookresearch/mae (util/misc.py save_model,
+models_mae.py), timm's CheckpointSaver, torchvision's VisionTransformer (a real one: its own forward is the
+reference) and MMSelfSup/mmpretrain's VisionTransformer (`backbone.`, ln1/ln2, ffn.layers).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from mocobench.checkpoints.formats import load_backbone
+from mocobench.checkpoints.models import model_from_checkpoint
+from mocobench.core.backbones import build_backbone
+from mocobench.core.errors import CheckpointError
+from mocobench.evaluate.layers import LayerFeatures
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ARCH = "vit_demo"  # embed 128, depth 4, 2 heads, patch 4, 32 px
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _source(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_backbone(ARCH, num_classes=10)
+    with torch.no_grad():  # LayerNorm affine and biases away from their 1/0 init, so every tensor matters
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def source() -> nn.Module:
+    return copy.deepcopy(_source())
+
+
+def timm_names(model: nn.Module, head: str = "head") -> dict[str, torch.Tensor]:
+    """The model's state dict in timm's own names (classifier `head`)."""
+    return {(head + k[2:] if k.startswith("fc") else k): v for k, v in model.state_dict().items()}
+
+
+def backbone_only(sd: dict) -> dict:
+    return {k: v for k, v in sd.items() if not k.startswith(("head", "fc"))}
+
+
+def cls_feature(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return LayerFeatures(copy.deepcopy(model).eval(), ["cls"])(X)["cls"]
+
+
+def _mlp(dims: list[int], last_bn: bool = True) -> nn.Sequential:
+    """moco-v3 builder.py `_build_mlp`: Linear (no bias) + BN + ReLU between layers, last BN without affine."""
+    layers = []
+    for i in range(len(dims) - 1):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(dims[i], dims[i + 1], bias=False))
+        if not last:
+            layers += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(dims[i + 1], affine=False))
+    return nn.Sequential(*layers)
+
+
+def write_moco_v3(path, src):
+    """main_moco.py save_checkpoint: epoch, arch, state_dict (DDP), optimizer, scaler; MoCo_ViT puts the
+    projector in base_encoder.head and momentum_encoder.head, the predictor beside them."""
+    enc = backbone_only(timm_names(src))
+    head = _mlp([128, 64, 16]).state_dict()
+    sd = {f"module.base_encoder.{k}": v for k, v in enc.items()}
+    sd.update({f"module.base_encoder.head.{k}": v for k, v in head.items()})
+    sd.update({f"module.momentum_encoder.{k}": v + 1 for k, v in enc.items()})
+    sd.update({f"module.momentum_encoder.head.{k}": v for k, v in head.items()})
+    sd.update({f"module.predictor.{k}": v for k, v in _mlp([16, 64, 16], last_bn=False).state_dict().items()})
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd, "optimizer": {"state": {}, "param_groups": []},
+                "scaler": {"scale": 65536.0}}, path)
+    return 300, False
+
+
+def write_dino(path, src):
+    """main_dino.py save_dict: student (DDP: module.), teacher (ViT teacher not DDP-wrapped), optimizer,
+    epoch, args, dino_loss; the backbone under `backbone.` (its own head an Identity), DINOHead under `head.`."""
+    def wrapper(net, prefix):
+        sd = {f"{prefix}backbone.{k}": v for k, v in backbone_only(timm_names(net)).items()}
+        sd.update({f"{prefix}head.mlp.0.weight": torch.randn(32, 128), f"{prefix}head.mlp.0.bias": torch.zeros(32),
+                   f"{prefix}head.last_layer.weight_g": torch.ones(64, 1),
+                   f"{prefix}head.last_layer.weight_v": torch.randn(64, 32)})
+        return sd
+    student = copy.deepcopy(src)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    torch.save({"student": wrapper(student, "module."), "teacher": wrapper(src, ""), "optimizer": {},
+                "epoch": 100, "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536),
+                "dino_loss": {"center": torch.zeros(1, 64)}}, path)
+    return 100, False
+
+
+def write_mae(path, src):
+    """mae util/misc.py save_model: model (models_mae: encoder in timm names, mask_token, decoder_*),
+    optimizer, epoch, scaler, args."""
+    sd = backbone_only(timm_names(src))
+    sd.update({"mask_token": torch.zeros(1, 1, 64), "decoder_embed.weight": torch.randn(64, 128),
+               "decoder_embed.bias": torch.zeros(64), "decoder_pos_embed": torch.zeros(1, 65, 64),
+               "decoder_blocks.0.norm1.weight": torch.ones(64), "decoder_norm.weight": torch.ones(64),
+               "decoder_pred.weight": torch.randn(48, 64), "decoder_pred.bias": torch.zeros(48)})
+    torch.save({"model": sd, "optimizer": {}, "epoch": 799, "scaler": {}, "args": argparse.Namespace(model="mae")},
+               path)
+    return 799, False
+
+
+def write_timm(path, src):
+    """timm CheckpointSaver: epoch, arch, state_dict (with the classifier head), optimizer, version, args, EMA."""
+    torch.save({"epoch": 7, "arch": "vit_small_patch16_224", "state_dict": timm_names(src), "optimizer": {},
+                "version": 2, "args": argparse.Namespace(model="vit_small_patch16_224"),
+                "state_dict_ema": backbone_only(timm_names(src))}, path)
+    return 7, True
+
+
+def write_timm_plain(path, src):
+    """A plain timm state dict (what timm's hub weights hold)."""
+    torch.save(timm_names(src), path)
+    return None, True
+
+
+_MM = [("blocks.", "layers."), (".norm1.", ".ln1."), (".norm2.", ".ln2."), (".mlp.fc1.", ".ffn.layers.0.0."),
+       (".mlp.fc2.", ".ffn.layers.1."), ("patch_embed.proj.", "patch_embed.projection.")]
+
+
+def mm_name(timm_name: str) -> str:
+    """mmpretrain VisionTransformer names: layers.i.{ln1, attn.qkv, attn.proj, ln2, ffn.layers.0.0,
+    ffn.layers.1}, patch_embed.projection, the final norm `ln1`."""
+    if timm_name.startswith("norm."):
+        return "ln1." + timm_name[len("norm."):]
+    for old, new in _MM:
+        timm_name = timm_name.replace(old, new)
+    return timm_name
+
+
+def write_mmselfsup(path, src):
+    """MMSelfSup 1.x: meta + state_dict with backbone. (mmpretrain ViT), neck., head., momentum_encoder."""
+    sd = {f"backbone.{mm_name(k)}": v for k, v in backbone_only(timm_names(src)).items()}
+    sd.update({"neck.mlp.0.weight": torch.randn(64, 128), "head.predictor.0.weight": torch.randn(16, 16),
+               "momentum_encoder.module.backbone.cls_token": torch.zeros(1, 1, 128)})
+    torch.save({"meta": {"epoch": 300, "mmselfsup_version": "1.0.0"}, "state_dict": sd}, path)
+    return 300, False
+
+
+WRITERS = {
+    "moco_v3": (write_moco_v3, "linear-vit-s-300ep.pth.tar", "moco_v3"),
+    "dino": (write_dino, "dino_deitsmall16_pretrain_full_checkpoint.pth", "ddp"),
+    "mae": (write_mae, "mae_pretrain_vit_base_full.pth", "mae"),
+    "timm": (write_timm, "checkpoint-7.pth.tar", "timm"),
+    "timm_plain": (write_timm_plain, "vit_small.pth", "timm"),
+    "mmselfsup": (write_mmselfsup, "mocov3_vit-small.pth", "mmselfsup"),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_vit_format_detected_loaded_and_same_features(tmp_path, name):
+    writer, filename, fmt = WRITERS[name]
+    src = source()
+    path = tmp_path / filename
+    epoch, has_fc = writer(path, src)
+    ckpt = load_backbone(path)
+    assert (ckpt.format, ckpt.arch, ckpt.epoch, ckpt.has_fc) == (fmt, ARCH, epoch, has_fc)
+    expected = src.state_dict() if has_fc else {k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}
+    assert sorted(ckpt.state_dict) == sorted(expected)
+    for k, v in expected.items():
+        assert torch.equal(ckpt.state_dict[k], v), k
+    model, _ = model_from_checkpoint(path)
+    assert torch.equal(cls_feature(model), cls_feature(src))
+    if has_fc:
+        with torch.no_grad():
+            assert torch.equal(model.eval()(X), src(X))
+
+
+def test_moco_v3_vit_sets_the_projector_aside_and_drops_momentum_encoder_and_predictor(tmp_path):
+    write_moco_v3(tmp_path / "v3.pth.tar", source())
+    ckpt = load_backbone(tmp_path / "v3.pth.tar")
+    assert sorted(ckpt.head) == ["fc.0.weight", "fc.1.bias", "fc.1.num_batches_tracked", "fc.1.running_mean",
+                                 "fc.1.running_var", "fc.1.weight", "fc.3.weight", "fc.4.num_batches_tracked",
+                                 "fc.4.running_mean", "fc.4.running_var"]
+    assert all(k.startswith(("module.momentum_encoder.", "module.predictor.", "module.base_encoder.head."))
+               for k in ckpt.dropped)
+    assert ckpt.meta["stored_arch"] == "vit_small"
+
+
+def test_dino_vit_uses_the_teacher(tmp_path):
+    write_dino(tmp_path / "d.pth", source())
+    ckpt = load_backbone(tmp_path / "d.pth")
+    assert ckpt.meta["prefix"] == "backbone." and ckpt.meta["dino_checkpoint_key"] == "teacher"
+    assert "head.mlp.0.weight" in ckpt.dropped and any(k.startswith("student.module.") for k in ckpt.dropped)
+
+
+def test_torchvision_vit_logits_equal_torchvision_own_forward(tmp_path):
+    """A real torchvision VisionTransformer (the independent reference): its state dict read into the timm
+    ViT gives its logits."""
+    torch.manual_seed(1)
+    tv = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=4, num_heads=2,
+                                              hidden_dim=128, mlp_dim=512, num_classes=10).eval()
+    with torch.no_grad():
+        for p in tv.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # zero-initialised heads and biases made non-zero
+    torch.save(tv.state_dict(), tmp_path / "vit_b_16.pth")
+    ckpt = load_backbone(tmp_path / "vit_b_16.pth")
+    assert (ckpt.format, ckpt.arch, ckpt.has_fc) == ("torchvision", ARCH, True)
+    assert ckpt.key_map["encoder.layers.encoder_layer_3.self_attention.in_proj_weight"] == "blocks.3.attn.qkv.weight"
+    model, _ = model_from_checkpoint(tmp_path / "vit_b_16.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(X), tv(X), rtol=1e-5, atol=1e-5)
+
+
+def test_vit_keys_that_fit_nowhere_are_an_error_naming_them(tmp_path):
+    sd = timm_names(source())
+    sd["fc_norm.weight"] = torch.ones(128)  # a global-pool ViT: the canonical (token) ViT has no fc_norm
+    torch.save(sd, tmp_path / "gap.pth")
+    with pytest.raises(CheckpointError, match="match no part of a timm ViT .1.: fc_norm.weight"):
+        load_backbone(tmp_path / "gap.pth")
+
+
+def test_random_vit_and_layers(tmp_path):
+    model, ckpt = model_from_checkpoint("random:vit_demo", num_classes=5)
+    assert ckpt.arch == "vit_demo" and model.fc.out_features == 5
+    with torch.no_grad():
+        feats = LayerFeatures(model.eval(), ["cls", "patch_mean", "cls_last4"])(X)
+        tokens = model.forward_features(X)  # timm's own path: blocks, then the final norm
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {
+        "cls": (2, 128, 1, 1), "patch_mean": (2, 128, 1, 1), "cls_last4": (2, 512, 1, 1)}
+    torch.testing.assert_close(feats["cls"].flatten(1), tokens[:, 0])
+    torch.testing.assert_close(feats["patch_mean"].flatten(1), tokens[:, 1:].mean(1))
+    torch.testing.assert_close(feats["cls_last4"].flatten(1)[:, -128:], tokens[:, 0])  # the last block's CLS last
+    with pytest.raises(ValueError, match="layer avgpool does not apply to a ViT; its layers: cls, patch_mean"):
+        LayerFeatures(model, ["avgpool"])
+    with pytest.raises(ValueError, match="layer cls does not apply to a ResNet"):
+        LayerFeatures(build_backbone("resnet18_small", 10, 8), ["cls"])
