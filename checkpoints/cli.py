@@ -17,8 +17,9 @@ from mocobench.checkpoints.models import model_from_checkpoint
 from mocobench.checkpoints.safe_load import TRUST_FLAG
 from mocobench.core.errors import CheckpointError
 
-_FORMAT_HELP = ("moco (ours / facebookresearch/moco v1, v2), moco_v3, mmselfsup, vissl, torchvision, timm, "
-                "ddp (module.-prefixed SwAV/DINO/BYOL dumps), detectron2 (.pkl), random:ARCH[:WIDTH]")
+_FORMAT_HELP = ("moco (ours / facebookresearch/moco v1, v2), moco_v3 (ResNet, ViT), mmselfsup (ResNet, ViT), vissl, "
+                "torchvision (ResNet, vit_*), timm (ResNet, ViT), mae, ddp (module.-prefixed SwAV/DINO/BYOL dumps; "
+                "DINO ResNet and ViT), detectron2 (.pkl), random:ARCH[:WIDTH]")
 
 
 def group_keys(keys: list[str], kept: list[str]) -> list[tuple[str, int]]:
@@ -48,7 +49,13 @@ def _print_report(ckpt: LoadedCheckpoint, all_keys: bool) -> None:
     print(f"file:        {ckpt.source}")
     print(f"md5:         {ckpt.md5[:8] or '-'}")
     print(f"format:      {fmt}")
-    print(f"arch:        {ckpt.arch} (width {ckpt.width})")
+    if "cls_token" in ckpt.state_dict:
+        sd = ckpt.state_dict
+        print(f"arch:        {ckpt.arch} (ViT: embed {sd['cls_token'].shape[-1]}, "
+              f"{len({k.split('.')[1] for k in sd if k.startswith('blocks.')})} blocks, "
+              f"patch {sd['patch_embed.proj.weight'].shape[-1]}, {sd['pos_embed'].shape[1]} positions)")
+    else:
+        print(f"arch:        {ckpt.arch} (width {ckpt.width})")
     print(f"epoch:       {ckpt.epoch if ckpt.epoch is not None else 'unknown'}")
     print(f"parameters:  {ckpt.num_params:,} ({ckpt.num_params / 1e6:.2f}M) in {len(ckpt.state_dict)} tensors")
     print(f"classifier:  {fc}")
@@ -84,7 +91,7 @@ def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mocobench inspect",
         description="Detect a checkpoint's format and print its architecture, epoch, parameter count, md5 "
-                    f"and which keys the canonical torchvision form keeps or drops. Formats: {_FORMAT_HELP}.")
+                    f"and which keys the canonical form (torchvision ResNet or timm ViT names) keeps or drops. Formats: {_FORMAT_HELP}.")
     parser.add_argument("checkpoint", help="checkpoint file (or random:ARCH[:WIDTH])")
     parser.add_argument(TRUST_FLAG, dest="trust", action="store_true",
                         help="allow arbitrary pickled objects (can run code: only for files you trust)")
@@ -119,9 +126,10 @@ def inspect_main(argv: list[str]) -> int:
 def convert_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mocobench convert",
-        description="Convert a ResNet checkpoint of any supported format through the canonical torchvision "
-                    "form. --to torchvision: plain state dict (torchvision load_state_dict, MMDetection "
-                    "init_cfg=dict(type='Pretrained', checkpoint=OUT)); --to moco: our MoCo layout "
+        description="Convert a checkpoint of any supported format through the canonical form (torchvision "
+                    "ResNet names; timm ViT names). --to torchvision: plain ResNet state dict (torchvision "
+                    "load_state_dict, MMDetection init_cfg=dict(type='Pretrained', checkpoint=OUT)); --to timm: "
+                    "plain state dict in timm's names (ResNets and ViTs); --to moco: our MoCo layout "
                     "(module.encoder_q.*); --to detectron2: OUT.pkl for MODEL.WEIGHTS, with the rules of "
                     f"facebookresearch/moco's convert-pretrain-to-detectron2.py. Inputs: {_FORMAT_HELP}.")
     parser.add_argument("--to", required=True, choices=WRITE_FORMATS, help="output format")

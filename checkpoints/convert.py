@@ -1,4 +1,4 @@
-"""Checkpoint writers (torchvision, MoCo, detectron2 layouts) and `convert`: read any format, write one.
+"""Checkpoint writers (torchvision, timm, MoCo, detectron2 layouts) and `convert`: read any format, write one.
 
 Every writer starts from the canonical torchvision form (`LoadedCheckpoint`). The detectron2 payload is
 the one facebookresearch/moco detection/convert-pretrain-to-detectron2.py writes.
@@ -15,11 +15,13 @@ from mocobench.checkpoints.canonical import LoadedCheckpoint
 from mocobench.checkpoints.detectron2_names import tv_to_d2
 from mocobench.checkpoints.formats import load_backbone
 from mocobench.checkpoints.random_init import parse_random_spec
+from mocobench.checkpoints.vit_names import canonical_to_timm
 from mocobench.core.atomic import atomic_save, atomic_write
 from mocobench.core.backbones import infer_arch
 from mocobench.core.errors import CheckpointError
 
-WRITE_FORMATS = ("torchvision", "moco", "detectron2")
+WRITE_FORMATS = ("torchvision", "timm", "moco", "detectron2")
+RESNET_ONLY = ("torchvision", "moco", "detectron2")  # layouts that hold ResNets; a ViT is written as timm
 
 
 def to_detectron2(state_dict: Mapping[str, torch.Tensor], author: str = "mocobench") -> dict:
@@ -38,6 +40,8 @@ def write_checkpoint(state_dict: Mapping[str, torch.Tensor], fmt: str, path: str
 
     - torchvision: the plain state dict (what torchvision's load_state_dict and MMDetection's
       `init_cfg=dict(type='Pretrained', checkpoint=...)` read); `head` is not written.
+    - timm: the plain state dict in timm's names (a ViT's `fc` back to `head`; a ResNet's names are
+      torchvision's), what `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` reads.
     - moco: our/official MoCo layout, weights under `module.encoder_q.` (head as `encoder_q.fc.*`),
       with `epoch`, `arch` and a `config` dict; it has no key encoder or queue (not resumable).
     - detectron2: the pickle of `to_detectron2(state_dict + head)`, as the official MoCo script writes.
@@ -49,6 +53,10 @@ def write_checkpoint(state_dict: Mapping[str, torch.Tensor], fmt: str, path: str
     if arch is None or width is None:
         guessed = infer_arch(state)
         arch, width = arch or guessed[0], width or guessed[1]
+    if "cls_token" in state and fmt in RESNET_ONLY:
+        raise CheckpointError(f"{arch} is a ViT; the {fmt} layout holds ResNets here: convert with --to timm")
+    if fmt == "timm":
+        return atomic_save({canonical_to_timm(k): v for k, v in state.items()}, path)
     if fmt == "torchvision":
         return atomic_save(state, path)
     if fmt == "detectron2":

@@ -35,6 +35,11 @@ def timm_to_canonical(name: str) -> str:
     return "fc." + name[len("head."):] if name.startswith("head.") else name
 
 
+def canonical_to_timm(name: str) -> str:
+    """The inverse of `timm_to_canonical` (`fc` -> `head`); ResNet names pass through."""
+    return "head." + name[len("fc."):] if name.startswith("fc.") else name
+
+
 def torchvision_to_timm(name: str) -> str:
     m = _TV_BLOCK.match(name)
     if m:

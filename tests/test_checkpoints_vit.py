@@ -243,3 +243,21 @@ def test_random_vit_and_layers(tmp_path):
         LayerFeatures(model, ["avgpool"])
     with pytest.raises(ValueError, match="layer cls does not apply to a ResNet"):
         LayerFeatures(build_backbone("resnet18_small", 10, 8), ["cls"])
+
+
+def test_inspect_and_convert_a_vit(tmp_path, capsys):
+    from mocobench.cli import main as mocobench
+    write_dino(tmp_path / "dino.pth", source())
+    assert mocobench(["inspect", str(tmp_path / "dino.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "format:      ddp" in out and "arch:        vit_demo (ViT: embed 128, 4 blocks, patch 4, 65 positions)" in out
+    assert mocobench(["convert", "--to", "timm", str(tmp_path / "dino.pth"), str(tmp_path / "timm.pth")]) == 0
+    written = torch.load(tmp_path / "timm.pth", weights_only=True)
+    assert written.keys() == backbone_only(timm_names(source())).keys()  # timm's own names, no head
+    timm_model = build_backbone(ARCH, 10)
+    assert set(timm_model.load_state_dict({k: v for k, v in written.items()}, strict=False).missing_keys) == {
+        "fc.weight", "fc.bias"}
+    capsys.readouterr()
+    assert mocobench(["convert", "--to", "detectron2", str(tmp_path / "dino.pth"), str(tmp_path / "d2.pkl")]) == 2
+    assert "vit_demo is a ViT; the detectron2 layout holds ResNets here: convert with --to timm" in capsys.readouterr().err
+    assert not (tmp_path / "d2.pkl").exists()
