@@ -44,6 +44,7 @@ class _Layout:
     meta: dict[str, Any] = field(default_factory=dict)
     outside: list[str] = field(default_factory=list)  # other source keys, reported as dropped
     droppable: tuple[str, ...] = ()  # ViT layouts: names under the prefix that are not the backbone (MAE decoder)
+    vit_heads: dict[int, int] = field(default_factory=dict)  # embed dim -> heads where the format's differ
 
 
 def _sub(obj: Any, key: str) -> Mapping | None:
@@ -103,6 +104,10 @@ def _read_moco(obj: Any) -> _Layout | None:
                    meta={"moco_version": version, "stored_arch": obj.get("arch"), "config": dict(config)})
 
 
+# moco-v3 vits.py vit_small and mmpretrain's `mocov3-small` (MMSelfSup's only ViT-S): 12 heads, not 6
+MOCO_V3_VIT_HEADS = {384: 12}
+
+
 def _read_moco_v3(obj: Any) -> _Layout | None:
     """facebookresearch/moco-v3 `main_moco.py`: ResNet (`fc` = projector) or ViT (`head` = projector)."""
     sd = _sub(obj, "state_dict") or {}
@@ -110,7 +115,7 @@ def _read_moco_v3(obj: Any) -> _Layout | None:
     vit = _vit_prefix(sd, "module.base_encoder.", "base_encoder.")
     if prefix is None and vit is None:
         return None
-    return _Layout("moco_v3", sd, prefix=prefix or vit, epoch=obj.get("epoch"),
+    return _Layout("moco_v3", sd, prefix=prefix or vit, epoch=obj.get("epoch"), vit_heads=MOCO_V3_VIT_HEADS,
                    rename=timm_to_canonical if vit else (lambda k: k), meta={"stored_arch": obj.get("arch")})
 
 
@@ -121,7 +126,7 @@ def _read_mmselfsup(obj: Any) -> _Layout | None:
         return None
     meta = _sub(obj, "meta") or {}
     vit = "backbone.patch_embed.projection.weight" in sd
-    return _Layout("mmselfsup", sd, prefix="backbone.", epoch=meta.get("epoch"),
+    return _Layout("mmselfsup", sd, prefix="backbone.", epoch=meta.get("epoch"), vit_heads=MOCO_V3_VIT_HEADS,
                    rename=mmselfsup_to_timm if vit else (lambda k: k))
 
 
@@ -286,7 +291,7 @@ def _canonicalise(path: Path, layout: _Layout) -> LoadedCheckpoint:
         raise CheckpointError(f"{path}: {layout.format} checkpoint with an empty backbone state dict "
                               f"(no ResNet or ViT weights under {layout.prefix or 'the top level'!r})")
     try:
-        arch, width = infer_arch(state)
+        arch, width = infer_arch(state, layout.vit_heads)
     except ValueError as e:
         raise CheckpointError(f"{path}: {layout.format} checkpoint, but the weights are not a torchvision "
                               f"ResNet or a ViT: {e}; sample of names: {list(state)[:6]}") from None

@@ -65,14 +65,14 @@ def _small_stem(model: torchvision.models.ResNet, width: int, num_classes: int) 
     return model
 
 
-def infer_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:
+def infer_arch(state_dict: dict[str, torch.Tensor], vit_heads: dict[int, int] | None = None) -> tuple[str, int]:
     """Guess (arch, width) from a torchvision-named ResNet or timm-named ViT state dict (fc optional).
 
     Depth comes from the number of blocks per stage and the block type (3 convs = Bottleneck);
     the stem size tells the small variants apart; width is conv1's output channels.
     """
     if "cls_token" in state_dict:
-        return infer_vit_arch(state_dict), 64
+        return infer_vit_arch(state_dict, vit_heads), 64
     if "conv1.weight" not in state_dict:
         raise ValueError("not a torchvision ResNet state dict: no 'conv1.weight' key")
     depths = []

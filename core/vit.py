@@ -4,6 +4,7 @@ Arch names (Dosovitskiy et al. 2021, Table 1; DeiT's Tiny; head dim 64 throughou
 
   vit_tiny, vit_small, vit_base, vit_large   embed 192 / 384 / 768 / 1024, depth 12/12/12/24, patch 16, 224 px
   <any of them>_p8                           the same with patch 8 (DINO's ViT-S/8, ViT-B/8)
+  vit_small_h12                              MoCo v3's ViT-Small: 12 heads of 32 (moco-v3 vits.py; DeiT, DINO, timm: 6)
   vit_demo                                   embed 128, depth 4, 2 heads, patch 4, 32 px: the CPU demo size
 
 Parameter names are timm's (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1,attn.qkv,attn.proj,
@@ -21,7 +22,7 @@ from torch import nn
 # name -> (embed_dim, depth, num_heads, patch, img_size)
 VIT_ARCHS = {"vit_tiny": (192, 12, 3, 16, 224), "vit_small": (384, 12, 6, 16, 224),
              "vit_base": (768, 12, 12, 16, 224), "vit_large": (1024, 24, 16, 16, 224),
-             "vit_demo": (128, 4, 2, 4, 32)}
+             "vit_small_h12": (384, 12, 12, 16, 224), "vit_demo": (128, 4, 2, 4, 32)}
 _P8 = re.compile(r"^(vit_(?:tiny|small|base|large))_p8$")
 
 
@@ -30,7 +31,7 @@ def is_vit(arch: str) -> bool:
 
 
 def vit_archs() -> list[str]:
-    return list(VIT_ARCHS) + [f"{n}_p8" for n in VIT_ARCHS if n != "vit_demo"]
+    return list(VIT_ARCHS) + [f"{n}_p8" for n in VIT_ARCHS if n not in ("vit_demo", "vit_small_h12")]
 
 
 def vit_shape(arch: str) -> tuple[int, int, int, int, int]:
@@ -69,16 +70,19 @@ def build_vit(arch: str, num_classes: int = 1000) -> nn.Module:
                              num_classes=num_classes, global_pool="token", dynamic_img_size=True)
 
 
-def infer_vit_arch(state_dict: dict[str, torch.Tensor]) -> str:
-    """The arch name of a canonical (timm-named) ViT state dict, from its embed dim, depth and patch size."""
+def infer_vit_arch(state_dict: dict[str, torch.Tensor], heads: dict[int, int] | None = None) -> str:
+    """The arch name of a canonical (timm-named) ViT state dict, from its embed dim, depth and patch size.
+
+    No tensor shape depends on the number of heads, so it is the standard one for the embed dim unless
+    `heads` (embed dim -> heads, known from the checkpoint's format) says otherwise."""
     if "cls_token" not in state_dict or "patch_embed.proj.weight" not in state_dict:
         raise ValueError("not a ViT state dict: no 'cls_token' / 'patch_embed.proj.weight'")
     embed = int(state_dict["cls_token"].shape[-1])
     depth = len({int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")})
     patch = int(state_dict["patch_embed.proj.weight"].shape[-1])
     for name in vit_archs():
-        e, d, _, p, _ = vit_shape(name)
-        if (e, d, p) == (embed, depth, patch):
+        e, d, h, p, _ = vit_shape(name)
+        if (e, d, p) == (embed, depth, patch) and (heads is None or embed not in heads or heads[embed] == h):
             return name
     raise ValueError(f"unrecognised ViT: embed dim {embed}, depth {depth}, patch {patch} "
                      f"(known: {', '.join(vit_archs())})")

@@ -73,9 +73,9 @@ def _mlp(dims: list[int], last_bn: bool = True) -> nn.Sequential:
 
 def write_moco_v3(path, src):
     """main_moco.py save_checkpoint: epoch, arch, state_dict (DDP), optimizer, scaler; MoCo_ViT puts the
-    projector in base_encoder.head and momentum_encoder.head, the predictor beside them."""
+    3-layer projector in base_encoder.head and momentum_encoder.head, the 2-layer predictor beside them."""
     enc = backbone_only(timm_names(src))
-    head = _mlp([128, 64, 16]).state_dict()
+    head = _mlp([128, 64, 64, 16]).state_dict()
     sd = {f"module.base_encoder.{k}": v for k, v in enc.items()}
     sd.update({f"module.base_encoder.head.{k}": v for k, v in head.items()})
     sd.update({f"module.momentum_encoder.{k}": v + 1 for k, v in enc.items()})
@@ -149,8 +149,9 @@ def mm_name(timm_name: str) -> str:
 def write_mmselfsup(path, src):
     """MMSelfSup 1.x: meta + state_dict with backbone. (mmpretrain ViT), neck., head., momentum_encoder."""
     sd = {f"backbone.{mm_name(k)}": v for k, v in backbone_only(timm_names(src)).items()}
-    sd.update({"neck.mlp.0.weight": torch.randn(64, 128), "head.predictor.0.weight": torch.randn(16, 16),
-               "momentum_encoder.module.backbone.cls_token": torch.zeros(1, 1, 128)})
+    sd.update({"neck.fc0.weight": torch.randn(64, 128), "neck.bn0.weight": torch.ones(64),
+               "head.predictor.fc0.weight": torch.randn(64, 16), "momentum_encoder.module.0.cls_token": torch.zeros(1, 1, 128),
+               "momentum_encoder.steps": torch.tensor([5])})
     torch.save({"meta": {"epoch": 300, "mmselfsup_version": "1.0.0"}, "state_dict": sd}, path)
     return 300, False
 
@@ -187,12 +188,28 @@ def test_vit_format_detected_loaded_and_same_features(tmp_path, name):
 def test_moco_v3_vit_sets_the_projector_aside_and_drops_momentum_encoder_and_predictor(tmp_path):
     write_moco_v3(tmp_path / "v3.pth.tar", source())
     ckpt = load_backbone(tmp_path / "v3.pth.tar")
-    assert sorted(ckpt.head) == ["fc.0.weight", "fc.1.bias", "fc.1.num_batches_tracked", "fc.1.running_mean",
-                                 "fc.1.running_var", "fc.1.weight", "fc.3.weight", "fc.4.num_batches_tracked",
-                                 "fc.4.running_mean", "fc.4.running_var"]
+    bn = ["bias", "num_batches_tracked", "running_mean", "running_var", "weight"]
+    assert sorted(ckpt.head) == sorted(["fc.0.weight", *(f"fc.1.{k}" for k in bn), "fc.3.weight",
+                                        *(f"fc.4.{k}" for k in bn), "fc.6.weight",
+                                        *(f"fc.7.{k}" for k in bn[1:4])])
     assert all(k.startswith(("module.momentum_encoder.", "module.predictor.", "module.base_encoder.head."))
                for k in ckpt.dropped)
     assert ckpt.meta["stored_arch"] == "vit_small"
+
+
+@pytest.mark.parametrize("writer,heads", [(write_moco_v3, 12), (write_mmselfsup, 12), (write_dino, 6),
+                                          (write_timm_plain, 6)])
+def test_vit_small_heads_follow_the_format(tmp_path, writer, heads):
+    """No shape tells the number of heads: MoCo v3's ViT-S (vits.py) and MMSelfSup's `mocov3-small` have 12,
+    DINO's and timm's 6, and the attention differs, so the format decides."""
+    torch.manual_seed(0)
+    src = build_backbone("vit_small_h12" if heads == 12 else "vit_small", 10).eval()
+    writer(tmp_path / "s.pth", src)
+    model, ckpt = model_from_checkpoint(tmp_path / "s.pth")
+    assert ckpt.arch == ("vit_small_h12" if heads == 12 else "vit_small") and model.blocks[0].attn.num_heads == heads
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(LayerFeatures(model.eval(), ["cls"])(x)["cls"], LayerFeatures(src, ["cls"])(x)["cls"])
 
 
 def test_dino_vit_uses_the_teacher(tmp_path):
