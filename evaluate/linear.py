@@ -12,6 +12,10 @@ multihead - MMSelfSup's multi-layer linear heads (configs/benchmarks/linear_clas
     `mocobench.evaluate.layers` pooled maps, each BatchNorm(affine=False, momentum 0.1) -> Linear, trained jointly
     (summed losses); SGD lr 0.01, Nesterov momentum 0.9, weight decay 1e-4, batch 256, 90 epochs, x0.1 at
     30/60/90; train crop + flip + ColorJitter(0.4, 0.4, 0.4, 0) + AlexNet PCA lighting (0.1).
+lincls_v3 - facebookresearch/moco-v3 `main_lincls.py` (CONFIG.md): the same frozen-backbone recipe on the CLS token
+    of a ViT (after the final norm; no BatchNorm before the head) or a ResNet's avgpool: SGD momentum 0.9,
+    weight decay 0, lr = base lr x batch / 256 with base lr 3 for ViTs and 0.1 for ResNets, batch 1024,
+    90 epochs of half-cycle cosine (per epoch, no warmup); head N(0, 0.01) / 0; the same crops as lincls.
 fast - a proxy, NOT the protocol: the lincls optimiser and schedule on cached center-crop features
     (no augmentation), minutes instead of hours; useful to rank checkpoints, not to report.
 
@@ -45,22 +49,30 @@ from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transfor
 from mocobench.evaluate import datasets
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
-from mocobench.evaluate.layers import LayerFeatures, check_layer, load_frozen_backbone
+from mocobench.evaluate.layers import LayerFeatures, check_layer, is_vit_model, load_frozen_backbone
 from mocobench.evaluate.protocols import Protocol
 from mocobench.evaluate.report import check_checkpoint, claim_out, report
 
-MODES = ("lincls", "multihead", "fast")
+MODES = ("lincls", "lincls_v3", "multihead", "fast")
 PROTOCOLS = {
     "lincls": dict(epochs=100, lr=30.0, schedule=[60, 80], weight_decay=0.0, nesterov=False, jitter=0.0,
                    lighting=0.0),
     "multihead": dict(epochs=90, lr=0.01, schedule=[30, 60, 90], weight_decay=1e-4, nesterov=True, jitter=0.4,
                       lighting=0.1),
 }
+PROTOCOLS["lincls_v3"] = dict(epochs=90, schedule=[], weight_decay=0.0, nesterov=False, jitter=0.0, lighting=0.0)
+V3_BASE_LR = {"vit": 3.0, "resnet": 0.1}  # moco-v3 CONFIG.md `--lr 3` (ViT-S, ViT-B); main_lincls.py default 0.1 (R-50)
 PROTOCOLS["fast"] = dict(PROTOCOLS["lincls"])
-BENCHMARK = {"lincls": "linear", "multihead": "linear_multihead", "fast": "linear_fast"}
+BENCHMARK = {"lincls": "linear", "lincls_v3": "linear", "multihead": "linear_multihead", "fast": "linear_fast"}
 NAMED_PROTOCOLS = (  # evaluate/protocols.py
     Protocol("linear/moco", 1, {"mode": "lincls", **PROTOCOLS["lincls"], "batch_size": 256, "momentum": 0.9},
              "facebookresearch/moco main_lincls.py"),
+    Protocol("linear/moco-v3-vit", 1, {"mode": "lincls_v3", **PROTOCOLS["lincls_v3"], "lr": V3_BASE_LR["vit"],
+                                       "batch_size": 1024, "momentum": 0.9},
+             "facebookresearch/moco-v3 main_lincls.py, CONFIG.md (ViT-S/ViT-B: --lr 3, batch 1024)"),
+    Protocol("linear/moco-v3-resnet", 1, {"mode": "lincls_v3", **PROTOCOLS["lincls_v3"], "lr": V3_BASE_LR["resnet"],
+                                          "batch_size": 1024, "momentum": 0.9},
+             "facebookresearch/moco-v3 main_lincls.py, CONFIG.md (ResNet-50: default --lr 0.1, batch 1024)"),
     Protocol("linear/mmselfsup-multihead", 1,
              {"mode": "multihead", **PROTOCOLS["multihead"], "batch_size": 256, "momentum": 0.9},
              "MMSelfSup configs/benchmarks/classification/imagenet/resnet50_mhead_linear-8xb32-steplr-90e_in1k.py"),
@@ -74,12 +86,14 @@ MULTIHEAD_LAYERS = ["feature1", "feature2", "feature3", "feature4", "feature5"]
 class LinearConfig(FeatureSourceConfig):
     """Linear evaluation; optimiser fields left unset take the mode's published values."""
     out: str = option("runs/linear", "run directory: metrics.json, log, resumable head checkpoint")
-    mode: str = option("lincls", "lincls (main_lincls.py) | multihead (MMSelfSup feature1..5) | fast (cached features, proxy)")
+    mode: str = option("lincls", "lincls (main_lincls.py) | lincls_v3 (moco-v3 main_lincls.py: ViT CLS or ResNet avgpool, "
+                               "cosine) | multihead (MMSelfSup feature1..5) | fast (cached features, proxy)")
     layers: list[str] = field(default_factory=lambda: list(MULTIHEAD_LAYERS),
                               metadata={"help": "multihead: layers with a head (feature1..feature5, avgpool)"})
     batch_size: int = option(256, "global batch size over all ranks", at_least=1)
     epochs: Optional[int] = option(None, "epochs (lincls/fast 100, multihead 90)", at_least=1)
-    lr: Optional[float] = option(None, "learning rate (lincls/fast 30, multihead 0.01)", above=0)
+    lr: Optional[float] = option(None, "learning rate (lincls/fast 30, multihead 0.01; lincls_v3: base lr per 256 images, "
+                                       "3 for ViTs, 0.1 for ResNets)", above=0)
     schedule: Optional[list[int]] = option(None, "epochs where lr drops x0.1 (lincls/fast [60, 80], multihead [30, 60, 90])", at_least=0)
     momentum: float = option(0.9, "SGD momentum", at_least=0, below=1)
     weight_decay: Optional[float] = option(None, "weight decay (lincls/fast 0, multihead 1e-4)", at_least=0)
@@ -150,7 +164,7 @@ class LinearEval(nn.Module):
         heads = {}
         for layer in layers:
             c, h, w = shapes[layer]
-            if layer == "avgpool" and not bn_heads:
+            if layer in ("avgpool", "cls") and not bn_heads:  # the model's own classifier, as main_lincls.py
                 backbone.fc = nn.Linear(c, num_classes)
                 heads[layer] = backbone.fc
             else:
@@ -205,7 +219,10 @@ def sanity_check(backbone: nn.Module, checkpoint: str, seed: int = 0) -> None:
 
 # --- training -------------------------------------------------------------------------------------------
 def lr_at(cfg: LinearConfig, epoch: int) -> float:
-    """Step schedule of main_lincls.py / MMSelfSup: lr x0.1 at each milestone reached."""
+    """Step schedule of main_lincls.py / MMSelfSup: lr x0.1 at each milestone reached; lincls_v3: moco-v3's
+    lr x batch / 256, half-cycle cosine over the epochs."""
+    if cfg.mode == "lincls_v3":
+        return cfg.lr * cfg.batch_size / 256 * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
     return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.schedule)
 
 
@@ -262,11 +279,18 @@ def run_images(cfg: LinearConfig, held: Claim) -> dict:
     start = now_iso()
     device = dist.init_from_env(cfg.dist_backend)
     torch.manual_seed(cfg.seed)
-    layers = ["avgpool"] if cfg.mode == "lincls" else [check_layer(x) for x in cfg.layers]
+    backbone = load_frozen_backbone(cfg.checkpoint, cfg.seed)
+    vit = is_vit_model(backbone)
+    if cfg.mode == "lincls_v3" and cfg.lr is None:
+        cfg = replace(cfg, lr=V3_BASE_LR["vit" if vit else "resnet"])
+    if cfg.mode == "lincls" and vit:
+        raise ConfigError(f"{cfg.checkpoint} is a ViT: main_lincls.py of MoCo v1/v2 is for ResNets; use --mode lincls_v3 "
+                          "(moco-v3 main_lincls.py, the CLS token)")
     train_ds, train_loader, sampler, val_loader = _loaders(cfg, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = load_frozen_backbone(cfg.checkpoint, cfg.seed)
+    single = "cls" if vit else "avgpool"
+    layers = [single] if cfg.mode in ("lincls", "lincls_v3") else [check_layer(x) for x in cfg.layers]
     torch.manual_seed(cfg.seed + 1)  # head init and data order, independent of how the backbone was built
     model = LinearEval(backbone, layers, len(train_ds.classes), bn_heads=cfg.mode == "multihead",
                        input_size=cfg.crop, amp=cfg.amp).to(device)
@@ -333,9 +357,9 @@ def run_images(cfg: LinearConfig, held: Claim) -> dict:
         result = {k: v for k, v in history[-1].items() if k != "epoch"}
     sanity_check(model.backbone, cfg.checkpoint, cfg.seed)
     metrics = dict(result)
-    if cfg.mode == "lincls" and result:
-        metrics["top1"], metrics["top5"] = result["avgpool/top1"], result["avgpool/top5"]
-        metrics["best_top1"] = best.get("avgpool/top1")
+    if cfg.mode in ("lincls", "lincls_v3") and result:
+        metrics["top1"], metrics["top5"] = result[f"{single}/top1"], result[f"{single}/top5"]
+        metrics["best_top1"] = best.get(f"{single}/top1")
     metrics["details"] = {"history": history, "best": best, "backbone_unchanged": True}
     if main_rank:
         report(cfg, BENCHMARK[cfg.mode], metrics, start,

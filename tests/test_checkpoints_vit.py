@@ -278,3 +278,41 @@ def test_inspect_and_convert_a_vit(tmp_path, capsys):
     assert mocobench(["convert", "--to", "detectron2", str(tmp_path / "dino.pth"), str(tmp_path / "d2.pkl")]) == 2
     assert "vit_demo is a ViT; the detectron2 layout holds ResNets here: convert with --to timm" in capsys.readouterr().err
     assert not (tmp_path / "d2.pkl").exists()
+
+
+@pytest.mark.parametrize("writer", [write_moco_v3, write_dino], ids=["moco_v3", "dino"])
+def test_vit_checkpoints_through_every_frozen_evaluator(writer, demo_data, tmp_path):
+    """The issue's end-to-end path: a MoCo v3 (official layout) and a DINO ViT checkpoint through kNN, VOC07
+    SVM, low-shot SVM and the MoCo v3 linear protocol, on the CLS token."""
+    from mocobench.core.records import read_metrics
+    from mocobench.evaluate.cli import main
+    from mocobench.slurm.testing import tiny_imagefolder
+    ckpt = tmp_path / "vit.pth"
+    writer(ckpt, source())
+    tiny = tiny_imagefolder(tmp_path / "tiny")
+    common = ["--checkpoint", str(ckpt), "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["knn", "--config", "demo", *common, "--data", str(tiny), "--layer", "cls",
+                 "--out", str(tmp_path / "knn")]) == 0
+    for evaluator in ("svm", "lowshot"):
+        assert main([evaluator, "--config", "demo", *common, "--layer", "cls", "--out", str(tmp_path / evaluator)]) == 0
+    assert main(["linear", "--mode", "lincls_v3", *common, "--data", str(tiny), "--epochs", "1", "--batch-size", "8",
+                 "--image-size", "32", "--resize", "36", "--crop", "32", "--out", str(tmp_path / "linear")]) == 0
+    knn_rec = read_metrics(tmp_path / "knn" / "metrics.json")
+    assert knn_rec["provenance"]["layer"] == "cls" and knn_rec["checkpoint"]["md5"]
+    assert 0 <= knn_rec["metrics"]["k20/top1"] <= 100
+    assert 0 <= read_metrics(tmp_path / "svm" / "metrics.json")["metrics"]["mAP"] <= 100
+    lin = read_metrics(tmp_path / "linear" / "metrics.json")
+    assert set(lin["metrics"]) >= {"top1", "cls/top1", "best_top1"} and lin["metrics"]["details"]["backbone_unchanged"]
+    assert lin["config"]["lr"] == 3.0 and lin["protocol"] == "linear/custom"  # 1 epoch at batch 8: not the protocol
+
+
+def test_moco_v3_linear_schedule_and_vit_guard(tmp_path):
+    """moco-v3 main_lincls.py: init_lr = lr x batch / 256, then lr = init_lr x 0.5 (1 + cos(pi epoch / epochs));
+    CONFIG.md's ViT command (--lr 3, batch 1024) starts at 12 and is at 6 half-way."""
+    from mocobench.core.errors import ConfigError
+    from mocobench.evaluate import linear
+    cfg = linear.resolve_protocol(linear.LinearConfig(mode="lincls_v3", lr=3.0, batch_size=1024))
+    assert (cfg.epochs, cfg.weight_decay, cfg.schedule) == (90, 0.0, [])
+    assert [round(linear.lr_at(cfg, e), 6) for e in (0, 45, 90)] == [12.0, 6.0, 0.0]
+    with pytest.raises(ConfigError, match="is a ViT: main_lincls.py of MoCo v1/v2 is for ResNets; use --mode lincls_v3"):
+        linear.run(linear.LinearConfig(checkpoint="random:vit_demo", data=str(tmp_path / "none"), out=str(tmp_path / "o")))
