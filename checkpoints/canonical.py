@@ -1,7 +1,8 @@
 """`LoadedCheckpoint`: a checkpoint in the canonical form every reader produces and every writer starts from.
 
-The canonical form is a torchvision ResNet state dict (`conv1`, `bn1`, `layer1.0.conv1`, ...; `fc` only
-for supervised classifiers), with the projection head, if any, kept aside.
+The canonical form is a torchvision ResNet state dict (`conv1`, `bn1`, `layer1.0.conv1`, ...) or a timm ViT
+state dict (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N...`, `norm`; core/vit.py), with `fc` only
+for supervised classifiers, and the projection head, if any, kept aside.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 @dataclass
 class LoadedCheckpoint:
-    """A checkpoint in canonical form: torchvision ResNet names, backbone only (+ fc when `has_fc`)."""
+    """A checkpoint in canonical form: torchvision ResNet or timm ViT names, backbone only (+ fc when `has_fc`)."""
 
     source: str
     format: str

@@ -1,4 +1,4 @@
-"""A torchvision ResNet built from a checkpoint (or `random:ARCH[:WIDTH]`) with its weights loaded.
+"""A torchvision ResNet or timm ViT built from a checkpoint (or `random:ARCH[:WIDTH]`) with its weights loaded.
 
 Loading follows main_lincls.py of facebookresearch/moco: only the classifier may be missing.
 """
