@@ -24,6 +24,7 @@ from mocobench.core.backbones import SMALL_SUFFIX
 from mocobench.core.images import load_rgb
 from mocobench.core.knn import knn_accuracy
 from mocobench.core.transforms import eval_transform
+from mocobench.core.vit import is_vit, vit_shape
 
 K = 20
 
@@ -94,7 +95,8 @@ def verify(checkpoint: str | Path, data: str | Path | None = None, per_class: in
     if data is None:
         from mocobench.core.demo_data import ensure_demo_data
         data = ensure_demo_data().imagefolder
-    size = 32 if ckpt.arch.endswith(SMALL_SUFFIX) else 112  # small-image archs: the demo's 32 px crops
+    # small-image archs (the demo's 32 px crops): *_small ResNets and ViTs made for 32 px (vit_demo)
+    size = 32 if ckpt.arch.endswith(SMALL_SUFFIX) or (is_vit(ckpt.arch) and vit_shape(ckpt.arch)[4] <= 32) else 112
     verdict.knn_top1 = knn_on(model, Path(data), size, per_class, seed)
     torch.manual_seed(seed)
     random, _ = random_model(ckpt.arch, ckpt.width)
