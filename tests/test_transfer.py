@@ -363,6 +363,7 @@ def test_runner_input_errors(smoke_root, tmp_path, capsys):
         (["--weights", "none", "SOLVER.NOT_A_KEY", "1"], "SOLVER.NOT_A_KEY"),
         (["--weights", "none", "SOLVER.MAX_ITER"], "KEY VALUE pairs"),
         (["--weights", "random:resnet18"], "bottleneck ResNet"),
+        (["--weights", "random:vit_small"], "ViT detection is not included (docs/transfer.md)"),
         (["--weights", "none", "--num-machines", "2", "--machine-rank", "2", "--dist-url", "tcp://h:1"],
          "--machine-rank 2: expected 0 .. 1"),
         (["--weights", "none", "--num-machines", "2"], "needs tcp://HOST:PORT of machine 0"),

@@ -84,7 +84,8 @@ def model_opts_for(arch: str) -> list[str]:
     m = _ARCH.match(arch)
     if not m:
         raise TransferError(f"backbone {arch!r} cannot be used by detectron2's R-CNN: expected a standard-stem "
-                            "bottleneck ResNet (resnet50/101/152, wide_resnet50_2/101_2)")
+                            "bottleneck ResNet (resnet50/101/152, wide_resnet50_2/101_2)"
+                            + ("; ViT detection is not included (docs/transfer.md)" if arch.startswith("vit_") else ""))
     opts = ["MODEL.RESNETS.DEPTH", int(m.group(2))]
     if m.group(1):
         opts += ["MODEL.RESNETS.WIDTH_PER_GROUP", 128]
@@ -106,6 +107,8 @@ def prepare_weights(weights: str, out_dir: Path, trust: bool = False) -> tuple[s
     src = Path(weights).expanduser()
     if is_file and not src.is_file():
         raise TransferError(f"--weights {weights}: no such file (give a checkpoint, random:ARCH, or 'none')")
+    from mocobench.checkpoints.formats import load_backbone
+    model_opts_for(load_backbone(src if is_file else weights, trust=trust).arch)  # a ViT or small ResNet: say so first
     dst = out_dir / "weights" / ((src.name.split(".")[0] if is_file else weights.replace(":", "_")) + ".pkl")
     dst.parent.mkdir(parents=True, exist_ok=True)
     ckpt = convert(src if is_file else weights, "detectron2", dst, trust=trust)  # atomic write
