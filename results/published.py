@@ -2,8 +2,9 @@
 
 Every number carries the key of its source in SOURCES. A number is keyed by our own names: the benchmark
 as written to metrics.json (see the metric-name contract in docs/results.md), the metric name, the
-method ("v1" / "v2") and the pretraining epochs. All published numbers are for a ResNet-50 pretrained on
-ImageNet-1k with the official recipe; `official_method` decides when a measured run is that recipe.
+method ("v1" / "v2" / "v3" for ResNet-50; "v3/<arch>" for MoCo v3's ViTs) and the pretraining epochs. All
+published numbers are for a network pretrained on ImageNet-1k with the official recipe; `official_method`
+decides when a measured run is that recipe.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ SOURCES: dict[str, tuple[str, str]] = {
                     "https://github.com/open-mmlab/mmselfsup/blob/0b7683639f1da1c221b415fef181e15e0413971a/docs/MODEL_ZOO.md"),
     "mmselfsup-mocov2": ("MMSelfSup mocov2_resnet50_8xb32-coslr-200e: linear Feature1..5 + AvgPool",
                          "https://github.com/open-mmlab/mmselfsup/blob/main/configs/selfsup/mocov2/README.md"),
+    "moco-v3": ("facebookresearch/moco-v3 README / CONFIG.md: linear probing of the released models (Chen, Xie, He "
+                "2021, Table 4 and Appendix)", "https://github.com/facebookresearch/moco-v3/blob/main/CONFIG.md"),
     "mmdet-selfsup": ("MMDetection configs/selfsup_pretrain: Mask R-CNN R50-FPN multi-scale 2x with the released "
                       "MoCo v2 800-epoch backbone",
                       "https://github.com/open-mmlab/mmdetection/blob/main/configs/selfsup_pretrain/README.md"),
@@ -88,6 +91,11 @@ def _refs() -> list[Ref]:
         segm__AP=35.5, segm__AP50=57.1, segm__AP75=37.7)
     add("coco-c4-2x", "v2", 200, "openselfsup", "detectron2/coco-c4-2x@1", bbox__AP=41.0, bbox__AP50=60.6, bbox__AP75=44.5,
         segm__AP=35.6, segm__AP50=57.2, segm__AP75=38.0)
+    # MoCo v3 (CONFIG.md): linear probing with main_lincls.py; ResNet-50 at 100/300/1000 epochs, ViTs at 300
+    for epochs, top1 in ((100, 68.9), (300, 72.8), (1000, 74.6)):
+        add("linear", "v3", epochs, "moco-v3", "linear/moco-v3-resnet@1", top1=top1)
+    add("linear", "v3/vit_small_h12", 300, "moco-v3", "linear/moco-v3-vit@1", top1=73.2)
+    add("linear", "v3/vit_base", 300, "moco-v3", "linear/moco-v3-vit@1", top1=76.7)
     # MMDetection R50-FPN multi-scale 2x (our coco-fpn-2x is also multi-scale 2x). Its single-scale 1x row is
     # deliberately not matched to our multi-scale coco-fpn-1x.
     # MMDetection's own training protocol, not a mocobench recipe: shown next to no measured result
@@ -127,8 +135,39 @@ OFFICIAL_METHOD = {"v1": {"mlp": False, "aug_plus": False, "cos": False, "moco_t
 OFFICIAL_LR_PER_256 = 0.03
 
 
+# MoCo v3 (moco-v3 main_moco.py defaults + CONFIG.md). Per arch: the switches every official recipe shares,
+# and the (epochs, base lr, weight decay, moco_m) of each published run.
+V3_COMMON = {"algorithm": "moco_v3", "moco_dim": 256, "mlp_dim": 4096, "moco_m_cos": True, "image_size": 224,
+             "batch_size": 4096}
+V3_OFFICIAL = {
+    "resnet50": ({"optimizer": "lars", "moco_t": 1.0, "crop_min": 0.2, "warmup_epochs": 10},
+                 {(100, 0.6, 1e-6, 0.99), (300, 0.3, 1e-6, 0.99), (1000, 0.3, 1.5e-6, 0.996)}),
+    "vit_small_h12": ({"optimizer": "adamw", "moco_t": 0.2, "crop_min": 0.08, "warmup_epochs": 40,
+                       "stop_grad_conv1": True}, {(300, 1.5e-4, 0.1, 0.99)}),
+    "vit_base": ({"optimizer": "adamw", "moco_t": 0.2, "crop_min": 0.08, "warmup_epochs": 40,
+                  "stop_grad_conv1": True}, {(300, 1.5e-4, 0.1, 0.99)}),
+}
+
+
+def official_v3(config: dict) -> str | None:
+    """'v3' (ResNet-50) / 'v3/<arch>' (ViT) when `config` is one of moco-v3's published recipes, else None."""
+    arch = config.get("arch")
+    if arch not in V3_OFFICIAL or config.get("data") == "demo":
+        return None
+    switches, runs = V3_OFFICIAL[arch]
+    if any(config.get(k) != v for k, v in {**V3_COMMON, **switches}.items()):
+        return None
+    key = (config.get("epochs"), config.get("lr"), config.get("weight_decay"), config.get("moco_m"))
+    if not any(key[0] == e and all(abs(a - b) < 1e-12 for a, b in zip(key[1:], r)) for e, *r in runs):
+        return None
+    return "v3" if arch == "resnet50" else f"v3/{arch}"
+
+
 def method_of(config: dict) -> str:
-    """'v1' / 'v2' from the three v2 switches (mlp, aug_plus, cos); a partial mix is named by its switches."""
+    """'v1' / 'v2' from the three v2 switches (mlp, aug_plus, cos); a partial mix is named by its switches;
+    'v3' for `algorithm: moco_v3`."""
+    if config.get("algorithm") == "moco_v3":
+        return "v3"
     flags = [name for name in ("mlp", "aug_plus", "cos") if config.get(name)]
     if not flags:
         return "v1"
@@ -138,7 +177,10 @@ def method_of(config: dict) -> str:
 
 
 def official_method(config: dict) -> str | None:
-    """'v1' / 'v2' when `config` (a resolved PretrainConfig dict) is the official recipe, else None."""
+    """'v1' / 'v2' / 'v3' (or 'v3/<vit>') when `config` (a resolved PretrainConfig dict) is the official
+    recipe, else None."""
+    if config.get("algorithm") == "moco_v3":
+        return official_v3(config)
     if not config or "arch" not in config or not all(k in config for k in ("mlp", "aug_plus", "cos")):
         return None
     method = method_of(config)

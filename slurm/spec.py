@@ -96,6 +96,8 @@ class BenchmarkSection:
                             "(voc07-c4, coco-c4-1x, ...); default: the entry's name")
     config: list[str] = option([], "config YAML files for the evaluator, in order")
     trials: int = option(1, "repeats per checkpoint (seeds 0..trials-1), e.g. 5 for VOC detection")
+    models: list[str] = option([], "run only on these pretrain variants / baselines / checkpoints (their names in "
+                                   "this spec), e.g. the ViTs for a CLS-token protocol; default: all")
     resources: dict = option({}, "resources of this benchmark's jobs")
     fields: dict = option({}, "(filled from the remaining keys) the stage config fields")
 
@@ -237,6 +239,7 @@ def checkpoints(spec: SweepSpec) -> list[CheckpointEntry]:
 class PretrainPoint:
     """One pretrain run: variant x grid point x trial, with the config layers that produce it."""
     variant: str          # table label: "v2 moco_m=0.9 shuffle_bn=false"
+    name: str             # the variant's name in the spec: "v2" (what a benchmark's `models` lists)
     slug: str             # directory name: "v2_moco_m=0.9_shuffle_bn=false"
     trial: int
     seed: int | None      # None: keep the config's seed (+ trial)
@@ -275,7 +278,7 @@ def pretrain_points(spec: SweepSpec) -> list[PretrainPoint]:
             label, slug = " ".join(parts), _slug("_".join(parts))
             seeds = sec.seeds if sec.seeds is not None else [None] * sec.trials
             for trial, seed in enumerate(seeds):
-                points.append(PretrainPoint(variant=label, slug=slug, trial=trial, seed=seed,
+                points.append(PretrainPoint(variant=label, name=vname, slug=slug, trial=trial, seed=seed,
                                             configs=sec.config + vconfigs,
                                             fields={**sec.overrides, **vdata, **grid}))
     return points

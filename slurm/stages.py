@@ -146,7 +146,7 @@ def _pretrain_stages(spec: sp.SweepSpec, root: Path, spec_dir: Path) -> list[Sta
             payload={"call": "dataclass", "module": kind.module, "function": kind.function,
                      "config_class": kind.config_class.__name__, "config": config},
             resources=res, hash=config_hash("moco", hashed, {}),
-            info={"variant": point.variant, "trial": point.trial, "stage": "pretrain",
+            info={"variant": point.variant, "model": point.name, "trial": point.trial, "stage": "pretrain",
                   "checkpoint_id": f"{point.slug}/trial{point.trial}"},
             produces=str(root / sid / f"checkpoint_{cfg.epochs - 1:04d}.pth.tar")))
     return stages
@@ -170,8 +170,8 @@ def _sources(spec: sp.SweepSpec, pretrains: list[Stage], spec_dir: Path) -> list
     for i, entry in enumerate(sp.baselines(spec)):  # random init, through every evaluator like a variant
         ckpt = _random_spec(entry, pretrains, f"{spec.source}: baselines[{i}]")
         out.append(Source(model_dir=f"{BASELINE_DIR}/{sp._slug(entry.name)}", checkpoint=ckpt,
-                          info={"variant": entry.name, "trial": 0, "stage": "eval", "checkpoint_id": ckpt,
-                                "baseline": True}, stage=None, ident=f"weights:{ckpt}"))
+                          info={"variant": entry.name, "model": entry.name, "trial": 0, "stage": "eval",
+                                "checkpoint_id": ckpt, "baseline": True}, stage=None, ident=f"weights:{ckpt}"))
     for entry in sp.checkpoints(spec):
         path = Path(os.path.expandvars(entry.path)).expanduser()
         if not path.is_absolute():
@@ -180,7 +180,8 @@ def _sources(spec: sp.SweepSpec, pretrains: list[Stage], spec_dir: Path) -> list
             raise ConfigError(f"{spec.source}: checkpoint {entry.name!r}: {path} is not a file")
         st = path.stat()
         out.append(Source(model_dir=f"{EXTERNAL_DIR}/{sp._slug(entry.name)}", checkpoint=str(path),
-                          info={"variant": entry.name, "trial": 0, "stage": "eval", "checkpoint_id": entry.name},
+                          info={"variant": entry.name, "model": entry.name, "trial": 0, "stage": "eval",
+                                "checkpoint_id": entry.name},
                           stage=None, ident=f"file:{path}:{st.st_size}:{int(st.st_mtime)}"))
     return out
 
@@ -198,6 +199,12 @@ def _benchmark_stages(spec: sp.SweepSpec, root: Path, spec_dir: Path, sources: l
         res = sp.merge_resources(base_res, res_layer)
         fields_cfg = build_config(kind, entry.config, entry.fields, spec_dir, where)
         targets = sources
+        if entry.models:
+            known = list(dict.fromkeys(src.info["model"] for src in sources))
+            unknown = [m for m in entry.models if m not in known]
+            if unknown:
+                raise ConfigError(f"{where}.models: {', '.join(unknown)} not in this spec; its models: {', '.join(known)}")
+            targets = [src for src in sources if src.info["model"] in entry.models]
         if kind.kind == "transfer" and fields_cfg.weights:  # fixed weights: one run, not one per checkpoint
             w = fields_cfg.weights
             label = f"{SMOKE_LABEL} ({w})" if fields_cfg.smoke else f"baseline {w}"  # a smoke AP is no model's AP

@@ -195,3 +195,22 @@ def test_bad_baselines_are_one_line_errors(tmp_path, baselines, needle):
     data["baselines"] = baselines
     with pytest.raises(ConfigError, match=needle):
         _stages(_write(tmp_path, data), tmp_path / "sweep")
+
+
+def test_benchmark_models_restrict_an_entry_to_named_variants_baselines_and_checkpoints(tmp_path):
+    """`models:` runs an entry only on the named pretrain variants / baselines / checkpoints, so a CLS-token
+    protocol reaches the ViTs and the ResNet protocols the ResNets; an unknown name is an error listing them."""
+    ckpt = tmp_path / "dino.pth"
+    ckpt.write_bytes(b"w")
+    data = yaml.safe_load((SPECS / "demo.yaml").read_text())
+    data["benchmarks"] = {"knn": {"config": "demo", "models": ["v1", "random init"]},
+                          "knn-cls": {"benchmark": "knn", "config": "demo", "layer": "cls", "models": ["dino-vit"]},
+                          "svm": {"config": "demo"}}
+    data["checkpoints"] = [{"name": "dino-vit", "path": str(ckpt)}]
+    stages = _stages(_write(tmp_path, data), tmp_path / "sweep")
+    runs = sorted((s.group, s.info["variant"]) for s in stages if s.kind == "eval")
+    assert runs == [("knn", "random init"), ("knn", "v1"), ("knn-cls", "dino-vit"),
+                    ("svm", "dino-vit"), ("svm", "random init"), ("svm", "v1"), ("svm", "v2")]
+    data["benchmarks"]["knn"]["models"] = ["v3"]
+    with pytest.raises(ConfigError, match=r"benchmarks.knn.models: v3 not in this spec; its models: v1, v2, random init, dino-vit"):
+        _stages(_write(tmp_path, data), tmp_path / "sweep")
