@@ -4,6 +4,7 @@ atomic resumable checkpoints and per-step metrics.
 
     mocobench pretrain --config moco_v2 --data /datasets/imagenet --out runs/v2     # ImageNet (root/train)
     mocobench pretrain --config demo --out runs/demo                                 # embedded demo data
+    mocobench pretrain --config moco_v3_vit_small --data /datasets/imagenet --out runs/v3  # MoCo v3 (moco_v3.py)
     torchrun --nproc_per_node 8 -m mocobench.pretrain.train --config moco_v2 --data ... --out ...
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -31,7 +33,7 @@ from mocobench.checkpoints.safe_load import safe_load
 from mocobench.core import distributed as dist
 from mocobench.core.atomic import atomic_save
 from mocobench.core.backbones import build_backbone
-from mocobench.core.config import option, parse_config, save_config, to_dict
+from mocobench.core.config import option, parse_config, to_dict
 from mocobench.core.distributed import amp_dtype
 from mocobench.core.errors import USER_ERRORS, CheckpointError, ConfigError, DataError, debug_enabled, one_line
 from mocobench.core.imagefolder import RobustImageFolder, collate_with_skips
@@ -39,11 +41,15 @@ from mocobench.core.images import decode_rgb
 from mocobench.core.records import CHECKPOINT_NAME, CHECKPOINT_RE, now_iso, write_metrics
 from mocobench.core.run_folder import claim
 from mocobench.core.threads import fit_threads
-from mocobench.pretrain.augment import TwoCropsTransform, moco_augmentation
+from mocobench.core.vit import is_vit
+from mocobench.pretrain.augment import TwoCropsTransform, moco_augmentation, moco_v3_augmentations
 from mocobench.pretrain.fast_augment import TensorMocoAugmentation
 from mocobench.pretrain.knn_monitor import K as K_MONITOR
 from mocobench.pretrain.knn_monitor import KNNMonitor
+from mocobench.pretrain.lars import LARS
 from mocobench.pretrain.moco import MoCo
+from mocobench.pretrain.moco_v3 import (MoCoV3, MoCoV3ResNet, MoCoV3ViT, load_official_state_dict, moco_momentum,
+                                        moco_v3_vit_init, official_state_dict, zero_init_residual)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CPU_CHANNELS_LAST_MIN_SIZE = 128  # fp32 on CPUs without fast bf16: channels_last pays from here (resolve_fast_path)
@@ -52,14 +58,16 @@ CPU_CHANNELS_LAST_MIN_SIZE = 128  # fp32 on CPUs without fast bf16: channels_las
 
 @dataclass
 class PretrainConfig:
-    """Defaults are the official MoCo v1 `main_moco.py` ones; `--config moco_v2` gives v2."""
+    """Defaults are the official MoCo v1 `main_moco.py` ones; `--config moco_v2` gives v2, `algorithm: moco_v3`
+    MoCo v3 (`--config moco_v3_vit_small`, ...), whose own fields default to moco-v3 `main_moco.py`'s flags."""
     data: str = option("demo", "dataset root with train/ in ImageFolder layout, or 'demo' for the embedded data")
     out: str = option("runs/pretrain", "run directory: checkpoints, logs, metrics, resolved config")
     arch: str = option("resnet50", "torchvision ResNet name, or <name>_small (3x3 stem, no max-pool)")
     width: int = option(64, "first-stage channels of the *_small archs (64 = standard)", at_least=1)
     epochs: int = option(200, "total epochs", at_least=1)
     batch_size: int = option(256, "global batch size over all ranks", at_least=1)
-    lr: float = option(0.03, "initial learning rate (for the global batch)", above=0)
+    lr: float = option(0.03, "initial learning rate (for the global batch); moco_v3: base lr, x batch_size/256 "
+                             "as official", above=0)
     schedule: list[int] = option(None, "epochs at which lr drops x0.1 (step schedule)", at_least=0)
     cos: bool = option(False, "cosine lr schedule instead of steps")
     momentum: float = option(0.9, "SGD momentum", at_least=0, below=1)
@@ -97,6 +105,13 @@ class PretrainConfig:
     resume: str = option("auto", "'auto' = latest checkpoint in out, '' = start fresh, or a checkpoint path")
     dist_backend: str = option("auto", "nccl on GPU, gloo on CPU")
     force: bool = option(False, "start afresh when --out holds another run: move the old folder aside to OUT.replaced-<time>")
+    algorithm: str = option("moco", "moco (v1/v2, pretrain/moco.py) | moco_v3 (pretrain/moco_v3.py); the fields "
+                                    "below are moco_v3's")
+    optimizer: str = option("lars", "moco_v3: lars (ResNets, pretrain/lars.py) | adamw (ViTs)")
+    warmup_epochs: int = option(10, "moco_v3: linear lr warmup epochs before the cosine decay (per step)", at_least=0)
+    mlp_dim: int = option(4096, "moco_v3: hidden dimension of the projector and predictor MLPs", at_least=1)
+    moco_m_cos: bool = option(False, "moco_v3: raise the momentum from moco_m to 1 on a half-cycle cosine (per step)")
+    stop_grad_conv1: bool = option(False, "moco_v3 ViTs: freeze the random patch projection")
 
     def __post_init__(self):
         if self.schedule is None:
@@ -109,7 +124,32 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+V3_FIELDS = ("algorithm", "optimizer", "warmup_epochs", "mlp_dim", "moco_m_cos", "stop_grad_conv1")
+
+
+def config_record(cfg: PretrainConfig) -> dict:
+    """The config as recorded (run.json, checkpoints, metrics.json): v1/v2 runs leave out the moco_v3 fields
+    (always at their defaults there), so their records are those of a v1/v2-only PretrainConfig."""
+    record = to_dict(cfg)
+    return record if cfg.algorithm == "moco_v3" else {k: v for k, v in record.items() if k not in V3_FIELDS}
+
+
 def validate(cfg: PretrainConfig, world: int) -> None:
+    if cfg.algorithm not in ("moco", "moco_v3"):
+        raise ConfigError(f"algorithm={cfg.algorithm!r}: expected 'moco' (v1/v2) or 'moco_v3'")
+    if cfg.algorithm == "moco_v3":
+        if cfg.optimizer not in ("lars", "adamw"):
+            raise ConfigError(f"optimizer={cfg.optimizer!r}: expected 'lars' or 'adamw'")
+        if cfg.loader != "pil":
+            raise ConfigError(f"loader={cfg.loader!r}: moco_v3 has the PIL augmentation only; use loader=pil")
+        if cfg.batch_size % world:
+            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {world}")
+        if cfg.warmup_epochs >= cfg.epochs:
+            raise ConfigError(f"warmup_epochs={cfg.warmup_epochs} must be less than epochs={cfg.epochs}")
+        return
+    changed = [k for k in V3_FIELDS if getattr(cfg, k) != getattr(PretrainConfig, k)]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)}: moco_v3 field(s); set algorithm=moco_v3 or leave them out")
     if cfg.loader not in ("pil", "tensor"):
         raise ConfigError(f"loader={cfg.loader!r}: expected 'pil' or 'tensor'")
     if cfg.batch_size % world:
@@ -132,6 +172,19 @@ def adjust_learning_rate(optimizer, epoch: int, cfg: PretrainConfig) -> float:
         lr *= 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
     else:
         lr *= 0.1 ** sum(epoch >= m for m in cfg.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def adjust_learning_rate_v3(optimizer, epoch: float, cfg: PretrainConfig) -> float:
+    """moco-v3 main_moco.py, per step (`epoch` fractional): lr = base lr x batch/256, linear warmup over
+    `warmup_epochs`, then a half-cycle cosine to 0 at `epochs`."""
+    peak = cfg.lr * cfg.batch_size / 256
+    if epoch < cfg.warmup_epochs:
+        lr = peak * epoch / cfg.warmup_epochs
+    else:
+        lr = peak * 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / (cfg.epochs - cfg.warmup_epochs)))
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -178,22 +231,27 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(out: Path, model: MoCo, optimizer, epoch: int, cfg: PretrainConfig, step: int,
+def save_checkpoint(out: Path, model: MoCo | MoCoV3, optimizer, epoch: int, cfg: PretrainConfig, step: int,
                     train_seconds: float = 0.0, keep: int = 0, rngs: list[dict] | None = None,
                     run_id: str | None = None, epoch_stats: list[float] | None = None,
-                    resume_step: int = 0) -> Path:
+                    resume_step: int = 0, scaler=None) -> Path:
     """Official layout: epoch (epochs done), arch, state_dict with `module.` keys, optimizer; plus ours.
+    MoCo v3 (moco-v3 main_moco.py): `module.base_encoder.*` (a ViT's projector as `head`), `module.momentum_encoder.*`,
+    `module.predictor.*`, and the GradScaler's state as `scaler`; no queue.
 
     `rngs`: every rank's RNG state (rank order) for a multi-rank run; `rng` is always rank 0's (this one's).
     `run_id`: the run's identity, which every downstream metrics.json records (core/records.py).
     `epoch_stats`: the epoch's (loss sum, acc1 sum, count) so far. `resume_step` > 0: a checkpoint taken
     inside `epoch` (on SIGTERM/SIGUSR1) after that many steps; the epoch's own checkpoint replaces it."""
+    v3 = isinstance(model, MoCoV3)
     state = {"epoch": epoch + (0 if resume_step else 1), "arch": cfg.arch, "run_id": run_id,
              "resume_step": resume_step, "epoch_stats": list(epoch_stats or []),
-             "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rngs[0] if rngs else rng_state(),
+             "state_dict": {f"module.{k}": v for k, v in model_state(model).items()},
+             "optimizer": optimizer.state_dict(), **({"scaler": scaler.state_dict()} if v3 else {}),
+             "config": config_record(cfg), "rng": rngs[0] if rngs else rng_state(),
              **({"rng_per_rank": rngs} if rngs and len(rngs) > 1 else {}),
-             "global_step": step, "queue_ids": model.queue_ids.clone(), "train_seconds": train_seconds}
+             "global_step": step, **({} if v3 else {"queue_ids": model.queue_ids.clone()}),
+             "train_seconds": train_seconds}
     path = atomic_save(state, out / CHECKPOINT_NAME.format(epoch=epoch))
     if keep > 0:
         for old in list_checkpoints(out)[:-keep]:
@@ -201,13 +259,23 @@ def save_checkpoint(out: Path, model: MoCo, optimizer, epoch: int, cfg: Pretrain
     return path
 
 
-def load_for_resume(path: Path, model: MoCo, optimizer) -> dict:
+def model_state(model: MoCo | MoCoV3) -> dict:
+    """The model's state dict in the official key layout of its algorithm (without `module.`)."""
+    return official_state_dict(model) if isinstance(model, MoCoV3) else model.state_dict()
+
+
+def load_for_resume(path: Path, model: MoCo | MoCoV3, optimizer, scaler=None) -> dict:
     """Restore a run from `path`; returns the checkpoint's bookkeeping (epoch, global_step, ...). A file that is
     damaged or not a checkpoint of this model is a CheckpointError naming it."""
     ckpt = safe_load(path)
     try:
         state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-        model.load_state_dict(state)
+        if isinstance(model, MoCoV3):
+            load_official_state_dict(model, state)
+            if scaler is not None:
+                scaler.load_state_dict(ckpt["scaler"])
+        else:
+            model.load_state_dict(state)
         optimizer.load_state_dict(ckpt["optimizer"])
         int(ckpt["epoch"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
@@ -224,7 +292,8 @@ def load_for_resume(path: Path, model: MoCo, optimizer) -> dict:
     return {k: ckpt.get(k) for k in ("epoch", "global_step", "train_seconds", "resume_step", "epoch_stats")}
 
 
-def resume_from(cfg: PretrainConfig, out: Path, model: MoCo, optimizer, warn) -> tuple[Path | None, dict]:
+def resume_from(cfg: PretrainConfig, out: Path, model: MoCo | MoCoV3, optimizer, warn,
+                scaler=None) -> tuple[Path | None, dict]:
     """Load the checkpoint to resume from: `cfg.resume` when a path is given, else (auto) the newest readable
     checkpoint in `out`: a damaged newest one is skipped with a warning naming it. (None, {}) = fresh start."""
     if not cfg.resume:
@@ -232,7 +301,7 @@ def resume_from(cfg: PretrainConfig, out: Path, model: MoCo, optimizer, warn) ->
     candidates = [Path(cfg.resume)] if cfg.resume != "auto" else list_checkpoints(out)[::-1]
     for i, path in enumerate(candidates):
         try:
-            return path, load_for_resume(path, model, optimizer)
+            return path, load_for_resume(path, model, optimizer, scaler)
         except CheckpointError as e:
             if cfg.resume != "auto" or i + 1 == len(candidates):
                 raise
@@ -344,13 +413,24 @@ def resolve_fast_path(cfg: PretrainConfig, device: torch.device) -> PretrainConf
 
 # --- one step -------------------------------------------------------------------------------------------
 def train_step(model: nn.Module, optimizer, scaler, im_q: torch.Tensor, im_k: torch.Tensor, ids: torch.Tensor,
-               cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MoCo SGD step (main_moco.py's inner loop); returns (loss, instance accuracy in %).
+               cfg: PretrainConfig, moco_m: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MoCo SGD step (main_moco.py's inner loop); returns (loss, instance accuracy in %). MoCo v3: the two
+    views, the momentum `moco_m` of this step, and the model's own loss and accuracy.
 
     A non-finite loss is returned without updating the weights, so the caller can stop cleanly.
     """
     if cfg.channels_last:
         im_q, im_k = (x.contiguous(memory_format=torch.channels_last) for x in (im_q, im_k))
+    if cfg.algorithm == "moco_v3":
+        with torch.autocast(im_q.device.type, dtype=amp_dtype(im_q.device), enabled=cfg.amp):
+            loss, acc1 = model(im_q, im_k, moco_m)
+        if not torch.isfinite(loss):
+            return loss.detach(), torch.tensor(0.0)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach(), acc1
     with torch.autocast(im_q.device.type, dtype=amp_dtype(im_q.device), enabled=cfg.amp):
         logits, labels = model(im_q, im_k, ids)
     loss = nn.functional.cross_entropy(logits.float(), labels)
@@ -407,6 +487,27 @@ def build_moco(cfg: PretrainConfig, world: int) -> MoCo:
                 mask_false_negatives=cfg.mask_false_negatives)
 
 
+def build_moco_v3(cfg: PretrainConfig) -> MoCoV3:
+    """MoCo_ViT / MoCo_ResNet as moco-v3 main_moco.py builds them: ViTs with vits.py's sin-cos position
+    embedding, init and optional frozen patch projection; ResNets with zero_init_residual=True."""
+    vit = is_vit(cfg.arch)
+
+    def encoder(num_classes):
+        net = build_backbone(cfg.arch, num_classes=num_classes, width=cfg.width)
+        return moco_v3_vit_init(net, cfg.stop_grad_conv1) if vit else zero_init_residual(net)
+    return (MoCoV3ViT if vit else MoCoV3ResNet)(encoder, dim=cfg.moco_dim, mlp_dim=cfg.mlp_dim, T=cfg.moco_t)
+
+
+def build_optimizer(cfg: PretrainConfig, model: nn.Module):
+    """SGD for v1/v2; moco_v3: LARS or AdamW over all parameters (frozen ones get no gradient), as official."""
+    if cfg.algorithm != "moco_v3":
+        return torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    lr = cfg.lr * cfg.batch_size / 256
+    if cfg.optimizer == "lars":
+        return LARS(model.parameters(), lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return torch.optim.AdamW(model.parameters(), lr, weight_decay=cfg.weight_decay)
+
+
 def run(cfg: PretrainConfig) -> dict:
     """Train (or resume) a MoCo run in `cfg.out`; returns the final metrics."""
     device = dist.init_from_env(cfg.dist_backend)
@@ -414,7 +515,8 @@ def run(cfg: PretrainConfig) -> dict:
     fit_threads(cfg.workers, announce=print if main_rank else None)
     validate(cfg, world)
     cfg = resolve_fast_path(cfg, device)  # the resolved config records the choice
-    held = claim(cfg.out, stage="pretrain", benchmark="moco", config=to_dict(cfg), force=cfg.force, write=main_rank)
+    held = claim(cfg.out, stage="pretrain", benchmark="moco", config=config_record(cfg), force=cfg.force,
+                 write=main_rank)
     out, run_id = held.path, held.run_id
     if held.replaced is not None and main_rank:
         print(f"moved the old run in {out} aside to {held.replaced}", flush=True)
@@ -426,20 +528,26 @@ def run(cfg: PretrainConfig) -> dict:
     start_time = now_iso()
     seed_everything(cfg.seed + dist.rank())
 
-    model = build_moco(cfg, world).to(device)
+    v3 = cfg.algorithm == "moco_v3"
+    model = (build_moco_v3(cfg) if v3 else build_moco(cfg, world)).to(device)
+    if v3 and world > 1 and device.type == "cuda":  # official: SyncBN over all GPUs (gloo on CPU: BN per rank)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
     resume, restored = resume_from(cfg, out, model, optimizer,
-                                   lambda msg: print(msg, file=sys.stderr, flush=True) if main_rank else None)
+                                   lambda msg: print(msg, file=sys.stderr, flush=True) if main_rank else None,
+                                   scaler if v3 else None)
     start_epoch, step = int(restored.get("epoch") or 0), int(restored.get("global_step") or 0)
     seconds_before, skip = float(restored.get("train_seconds") or 0.0), int(restored.get("resume_step") or 0)
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
            if world > 1 else model)
 
     augmentation = TensorMocoAugmentation if cfg.loader == "tensor" else moco_augmentation
-    transform = TwoCropsTransform(augmentation(cfg.image_size, cfg.aug_plus, cfg.crop_min, cfg.jitter,
-                                               blur_sigma=cfg.blur_sigma))
+    transform = TwoCropsTransform(*moco_v3_augmentations(cfg.image_size, cfg.crop_min, cfg.jitter, cfg.blur_sigma)) \
+        if v3 else TwoCropsTransform(augmentation(cfg.image_size, cfg.aug_plus, cfg.crop_min, cfg.jitter,
+                                                  blur_sigma=cfg.blur_sigma))
     dataset = RobustImageFolder(train_folder(cfg), transform, strict=cfg.strict_data)
     if cfg.loader == "tensor":
         dataset.loader = decode_rgb
@@ -450,13 +558,13 @@ def run(cfg: PretrainConfig) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          collate_fn=collate_with_skips, persistent_workers=False)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
     steps = len(loader) if cfg.steps_per_epoch <= 0 else min(len(loader), cfg.steps_per_epoch)
 
     log = RunLog(out, main_rank)
     if main_rank:
-        save_config(cfg, out / "config.yaml")
-        log.line(f"MoCo pretrain: {cfg.arch} (width {cfg.width}) on {dataset.root}: {len(dataset)} images, "
+        (out / "config.yaml").write_text(yaml.safe_dump(config_record(cfg), sort_keys=False))
+        log.line(f"MoCo{' v3' if v3 else ''} pretrain: {cfg.arch} (width {cfg.width}) on {dataset.root}: "
+                 f"{len(dataset)} images, "
                  f"{world} process(es) on {device}, batch {cfg.batch_size}, {steps} steps/epoch"
                  + (f"; resumed from {resume} at epoch {start_epoch}" + (f" step {skip}" if skip else "")
                     if resume else ""))
@@ -467,7 +575,7 @@ def run(cfg: PretrainConfig) -> dict:
     def watch(epoch: int) -> None:  # rank 0; the monitor draws from no global RNG: training is unchanged
         nonlocal knn_top1, monitor
         try:
-            knn_top1 = monitor(model.encoder_q, device, cfg.amp)
+            knn_top1 = monitor(model.base_encoder if v3 else model.encoder_q, device, cfg.amp)
         except (OSError, ValueError) as e:
             log.line(f"warning: kNN monitor off: {one_line(e)}")
             monitor = None
@@ -488,7 +596,8 @@ def run(cfg: PretrainConfig) -> dict:
             sampler.set_epoch(epoch)
             first = skip if epoch == start_epoch else 0
             sampler.skip = first * per_rank
-            lr = adjust_learning_rate(optimizer, epoch, cfg)
+            lr = None if v3 else adjust_learning_rate(optimizer, epoch, cfg)
+            moco_m = cfg.moco_m
             model.train()
             sums = torch.tensor(stats, dtype=torch.float64) if first and len(stats) == 3 else torch.zeros(3)
             bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch}", disable=None if main_rank else True,
@@ -497,7 +606,11 @@ def run(cfg: PretrainConfig) -> dict:
             for i, (images, _, ids, skipped) in enumerate(itertools.islice(loader, steps - first), start=first):
                 bad_files.update(dict.fromkeys(skipped))
                 im_q, im_k = (x.to(device, non_blocking=True) for x in images)
-                loss, acc1 = train_step(ddp, optimizer, scaler, im_q, im_k, ids.to(device), cfg)
+                if v3:  # per step, as moco-v3 main_moco.py
+                    lr = adjust_learning_rate_v3(optimizer, epoch + i / steps, cfg)
+                    if cfg.moco_m_cos:
+                        moco_m = moco_momentum(epoch + i / steps, cfg.epochs, cfg.moco_m)
+                loss, acc1 = train_step(ddp, optimizer, scaler, im_q, im_k, ids.to(device), cfg, moco_m)
                 if not torch.isfinite(loss):
                     last = latest_checkpoint(out)
                     raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {i} (weights not "
@@ -522,7 +635,7 @@ def run(cfg: PretrainConfig) -> dict:
                     if main_rank:
                         path = save_checkpoint(out, model, optimizer, epoch, cfg, step,
                                                seconds_before + time.time() - t_start, 0, rngs, run_id,
-                                               sums.tolist(), resume_step=i + 1)
+                                               sums.tolist(), resume_step=i + 1, scaler=scaler)
                         log.line(f"stopped by {signal.Signals(signum).name} at epoch {epoch} step {i + 1}: {path}; "
                                  "rerun the same command to resume from there")
                     dist.barrier()
@@ -541,7 +654,7 @@ def run(cfg: PretrainConfig) -> dict:
                 rngs = dist.all_gather_object(rng_state())  # every rank's, so a resume continues each exactly
                 if main_rank:
                     save_checkpoint(out, model, optimizer, epoch, cfg, step, seconds_before + time.time() - t_start,
-                                    cfg.keep_checkpoints, rngs, run_id, sums.tolist())
+                                    cfg.keep_checkpoints, rngs, run_id, sums.tolist(), scaler=scaler)
             dist.barrier()
             if signum and epoch + 1 < end_epoch:
                 log.line(f"stopped by {signal.Signals(signum).name} after epoch {epoch}; rerun to resume")
@@ -557,7 +670,7 @@ def run(cfg: PretrainConfig) -> dict:
                **({"knn_top1": knn_top1} if knn_top1 is not None else {})}
     if main_rank:
         last = latest_checkpoint(out)
-        write_metrics(out, stage="pretrain", benchmark="moco", metrics=metrics, config=to_dict(cfg),
+        write_metrics(out, stage="pretrain", benchmark="moco", metrics=metrics, config=config_record(cfg),
                       start=start_time, checkpoint=last, run_id=run_id)
         log.line(f"done: {last}; `mocobench results {out}` tabulates it and plots its loss curve"
                  + (f"; {len(bad_files)} unreadable images skipped" if bad_files else ""))
