@@ -128,6 +128,7 @@ class Source:
 def _pretrain_stages(spec: sp.SweepSpec, root: Path, spec_dir: Path) -> list[Stage]:
     if spec.pretrain is None:
         return []
+    from mocobench.pretrain import train
     sec = sp.pretrain_section(spec)
     kind = stage_kind("pretrain", f"{spec.source}: pretrain")
     res = sp.merge_resources(sp.parse_resources(spec.resources, spec.source),
@@ -139,7 +140,7 @@ def _pretrain_stages(spec: sp.SweepSpec, root: Path, spec_dir: Path) -> list[Sta
         sid = f"{point.slug}/trial{point.trial}/pretrain"
         seed = point.seed if point.seed is not None else cfg.seed + point.trial
         cfg = dataclasses.replace(cfg, out=str(root / sid), seed=seed)
-        config = to_dict(cfg)
+        config = train.config_record(cfg)  # v1/v2 runs without the moco_v3 fields: their hashes stay what they were
         hashed = {k: v for k, v in config.items() if k != "out"}
         stages.append(Stage(
             id=sid, kind="pretrain", benchmark="moco", group="pretrain", dir=str(root / sid),

@@ -446,3 +446,30 @@ def test_lowshot_axis_ends_where_the_data_ends():
     assert lowshot_ticks(rows) == [1, 2, 4, 8, 16]
     rows.loc[len(rows)] = {"k": 96, "mean": None, "published": 70.0}  # a published curve drawn to 96
     assert lowshot_ticks(rows) == [1, 2, 4, 8, 16, 96]
+
+
+def test_moco_v3_runs_are_v3_and_official_only_on_the_published_recipes():
+    """method_of names a moco_v3 run 'v3' (whatever its v2 switches); official_method recognises the shipped
+    moco-v3 CONFIG.md recipes (pretrain/configs/moco_v3_*.yaml) and nothing else, and lookup finds their
+    published linear numbers only under the MoCo v3 linear protocols."""
+    from mocobench.core.config import parse_config
+    from mocobench.pretrain.train import CONFIG_DIR, PretrainConfig, config_record
+    from mocobench.results import published
+
+    def resolved(name, *extra):
+        cfg, _ = parse_config(PretrainConfig, ["--config", name, "--data", "/datasets/imagenet", *extra], "t", "t",
+                              search_dir=CONFIG_DIR)
+        return config_record(cfg)
+    assert published.method_of(resolved("moco_v3_r18_demo")) == "v3"
+    assert published.official_method(resolved("moco_v3_r50")) == "v3"
+    assert published.official_method(resolved("moco_v3_vit_small")) == "v3/vit_small_h12"
+    assert published.official_method(resolved("moco_v3_vit_base")) == "v3/vit_base"
+    assert published.official_method(resolved("moco_v3_r50", "--epochs", "1000", "--lr", "0.3", "--moco-m", "0.996",
+                                              "--weight-decay", "1.5e-6")) == "v3"
+    assert published.official_method(resolved("moco_v3_vit_small", "--moco-t", "0.1")) is None
+    assert published.official_method(resolved("moco_v3_vit_small", "--arch", "vit_small")) is None  # 6 heads
+    assert published.official_method(resolved("moco_v3_r18_demo")) is None
+    ref = published.lookup("linear", "top1", "v3/vit_small_h12", 300, "linear/moco-v3-vit@1")
+    assert ref is not None and ref.value == 73.2
+    assert published.lookup("linear", "top1", "v3/vit_small_h12", 300, "linear/moco@1") is None
+    assert published.lookup("linear", "top1", "v3", 100, "linear/moco-v3-resnet@1").value == 68.9

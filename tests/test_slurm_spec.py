@@ -214,3 +214,17 @@ def test_benchmark_models_restrict_an_entry_to_named_variants_baselines_and_chec
     data["benchmarks"]["knn"]["models"] = ["v3"]
     with pytest.raises(ConfigError, match=r"benchmarks.knn.models: v3 not in this spec; its models: v1, v2, random init, dino-vit"):
         _stages(_write(tmp_path, data), tmp_path / "sweep")
+
+
+def test_shipped_moco_v3_spec_keeps_each_protocol_to_its_archs(tmp_path):
+    stages = _stages(SPECS / "moco_v3.yaml", tmp_path)
+    pre = {s.info["model"]: s.payload["config"] for s in stages if s.kind == "pretrain"}
+    assert {m: (c["algorithm"], c["arch"]) for m, c in pre.items()} == {
+        "v3-r50": ("moco_v3", "resnet50"), "v3-vit-small": ("moco_v3", "vit_small_h12"),
+        "v3-vit-base": ("moco_v3", "vit_base")}
+    evals = sorted((s.group, s.info["model"], s.payload["config"].get("layer"), s.payload["config"].get("mode"))
+                   for s in stages if s.kind == "eval")
+    assert evals == [("knn", "v3-r50", "avgpool", None), ("knn-cls", "v3-vit-base", "cls", None),
+                     ("knn-cls", "v3-vit-small", "cls", None), ("linear-v3-resnet", "v3-r50", "avgpool", "lincls_v3"),
+                     ("linear-v3-vit", "v3-vit-base", "avgpool", "lincls_v3"),
+                     ("linear-v3-vit", "v3-vit-small", "avgpool", "lincls_v3"), ("svm", "v3-r50", "voc_svm", None)]
