@@ -181,7 +181,7 @@ def test_made_subsets_work_when_file_names_repeat_across_classes(tmp_path):
 def test_layer_dimensions_of_resnet50_at_224():
     """MMSelfSup's published dims 9216/9216/8192/9216/8192, avgpool 2048, VISSL's VOC res5 pool 8192."""
     model = build_backbone("resnet50").to("meta").eval()
-    net = layers.LayerFeatures(model, layers.FEATURE_LAYERS)
+    net = layers.LayerFeatures(model, layers.RESNET_LAYERS)
     out = net(torch.zeros(2, 3, 224, 224, device="meta"))
     dims = {k: v[0].numel() for k, v in out.items()}
     assert dims == {"feature1": 9216, "feature2": 9216, "feature3": 8192, "feature4": 9216, "feature5": 8192,
@@ -362,3 +362,10 @@ def test_svm_and_lowshot_features_are_the_whole_image_resized_as_the_references(
         np.testing.assert_allclose(fs.test_feats, ref, rtol=1e-4, atol=1e-5)
         found[kind] = np.asarray(fs.test_feats)
     assert not np.allclose(found["resize"], found["center_crop"], atol=1e-3)  # the transform matters here
+
+
+def test_layer_dimensions_of_vit_small_at_224():
+    """ViT-S/16: 384-d CLS and patch mean (MoCo v3 main_lincls.py, DINO), 4 x 384 for DINO's n_last_blocks 4."""
+    model = build_backbone("vit_small").to("meta").eval()
+    out = layers.LayerFeatures(model, layers.VIT_LAYERS)(torch.zeros(2, 3, 224, 224, device="meta"))
+    assert {k: v[0].numel() for k, v in out.items()} == {"cls": 384, "patch_mean": 384, "cls_last4": 1536}

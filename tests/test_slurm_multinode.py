@@ -223,7 +223,7 @@ def test_rendezvous_uses_slurms_node_address_and_a_port_fixed_by_the_job_id(tmp_
     env = SimpleNamespace(hostnames=["gpu-7", "gpu-8"], job_id="4242", global_rank=3, num_tasks=4, local_rank=1,
                           num_nodes=2)
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "unset")  # recorded, so the values exported below are undone after the test
     values = rendezvous.export_torch_env(env)
     port = rendezvous.master_port("4242")
     assert values == {"MASTER_ADDR": "10.1.2.7", "MASTER_PORT": str(port), "RANK": "3", "WORLD_SIZE": "4",

@@ -95,3 +95,27 @@ def test_two_task_ddp_pretrain_over_gloo_with_the_local_executor(tmp_path, tiny_
     rank1_log = Path(job["stdout"].replace("_0_log.out", "_1_log.out"))
     assert "global_rank=1(2)" in rank1_log.read_text()  # submitit started the second task
     assert _events(stage_dir) == ["start", "done"]      # rank 0 only
+
+
+def test_demo_size_sweep_with_moco_v3_resnet_and_vit_variants(tmp_path, tiny_data):
+    """v2, MoCo v3 ResNet and MoCo v3 ViT pretrains in one sweep, kNN on each with the feature its arch
+    uses (`models:`), and the results table naming method and arch per row."""
+    from mocobench.results.cli import main as results
+    knn = {"config": "demo", "data": str(tiny_data), "ks": [5], "resize": 18, "crop": 16, "workers": 0,
+           "cache_dir": str(tmp_path / "cache")}
+    spec = _spec(tmp_path, tiny_data, {"v2": {}, "v3": {"config": "moco_v3_r18_demo", "loader": "pil"},
+                                       "v3-vit": {"config": "moco_v3_vit_demo", "loader": "pil", "width": 64}},
+                 {"knn": {**knn, "models": ["v2", "v3"]},
+                  "knn-cls": {**knn, "benchmark": "knn", "layer": "cls", "models": ["v3-vit"]}})
+    assert sweep.main([str(spec), "--cluster", "debug"]) == 0
+    root = tmp_path / "sweep"
+    assert {r.id: r.state for r in status.collect(root)} == {
+        "v2/trial0/pretrain": "done", "v3/trial0/pretrain": "done", "v3-vit/trial0/pretrain": "done",
+        "v2/trial0/knn": "done", "v3/trial0/knn": "done", "v3-vit/trial0/knn-cls": "done"}
+    for variant, algorithm, arch in (("v3", "moco_v3", "resnet18_small"), ("v3-vit", "moco_v3", "vit_demo")):
+        config = json.loads((root / variant / "trial0" / "pretrain" / "metrics.json").read_text())["config"]
+        assert (config["algorithm"], config["arch"]) == (algorithm, arch)
+    assert "algorithm" not in json.loads((root / "v2/trial0/pretrain/metrics.json").read_text())["config"]
+    assert results([str(root), "--out", str(tmp_path / "tables")]) == 0
+    knn_table = (tmp_path / "tables" / "tables.md").read_text()
+    assert "v3-vit" in knn_table and "vit_demo" in knn_table and "resnet18_small" in knn_table
