@@ -103,8 +103,9 @@ def test_demo_size_sweep_with_moco_v3_resnet_and_vit_variants(tmp_path, tiny_dat
     from mocobench.results.cli import main as results
     knn = {"config": "demo", "data": str(tiny_data), "ks": [5], "resize": 18, "crop": 16, "workers": 0,
            "cache_dir": str(tmp_path / "cache")}
-    spec = _spec(tmp_path, tiny_data, {"v2": {}, "v3": {"config": "moco_v3_r18_demo", "loader": "pil"},
-                                       "v3-vit": {"config": "moco_v3_vit_demo", "loader": "pil", "width": 64}},
+    v3 = {"loader": "pil", "warmup_epochs": 1}  # the tiny runs have 2 epochs
+    spec = _spec(tmp_path, tiny_data, {"v2": {}, "v3": {"config": "moco_v3_r18_demo", **v3},
+                                       "v3-vit": {"config": "moco_v3_vit_demo", **v3, "width": 64}},
                  {"knn": {**knn, "models": ["v2", "v3"]},
                   "knn-cls": {**knn, "benchmark": "knn", "layer": "cls", "models": ["v3-vit"]}})
     assert sweep.main([str(spec), "--cluster", "debug"]) == 0
