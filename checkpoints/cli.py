@@ -130,16 +130,21 @@ def convert_main(argv: list[str]) -> int:
                     "ResNet names; timm ViT names). --to torchvision: plain ResNet state dict (torchvision "
                     "load_state_dict, MMDetection init_cfg=dict(type='Pretrained', checkpoint=OUT)); --to timm: "
                     "plain state dict in timm's names (ResNets and ViTs); --to moco: our MoCo layout "
-                    "(module.encoder_q.*); --to detectron2: OUT.pkl for MODEL.WEIGHTS, with the rules of "
+                    "(ResNets: module.encoder_q.*; ViTs: MoCo v3's module.base_encoder.* with config.arch); "
+                    "--to detectron2: OUT.pkl for MODEL.WEIGHTS, with the rules of "
                     f"facebookresearch/moco's convert-pretrain-to-detectron2.py. Inputs: {_FORMAT_HELP}.")
     parser.add_argument("--to", required=True, choices=WRITE_FORMATS, help="output format")
     parser.add_argument("input", help="input checkpoint")
     parser.add_argument("output", help="output file (.pkl for detectron2)")
     parser.add_argument(TRUST_FLAG, dest="trust", action="store_true",
                         help="allow arbitrary pickled objects in the input (can run code)")
+    parser.add_argument("--arch", default=None,
+                        help="a ViT's arch where the file cannot tell its number of heads (e.g. vit_small_h12, MoCo "
+                             "v3's 12-head ViT-S); checked against the weights' embed dim, depth and patch. With "
+                             "--to moco the output records it, so every evaluator reads the ViT as this arch")
     args = parser.parse_args(argv)
     try:
-        ckpt = convert(args.input, args.to, args.output, trust=args.trust)
+        ckpt = convert(args.input, args.to, args.output, trust=args.trust, arch=args.arch)
     except CheckpointError as e:
         print(f"mocobench convert: error: {e}", file=sys.stderr)
         return 2

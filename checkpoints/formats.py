@@ -25,6 +25,7 @@ from mocobench.checkpoints.safe_load import safe_load
 from mocobench.checkpoints.vit_names import mmselfsup_to_timm, timm_to_canonical, torchvision_to_timm
 from mocobench.core.backbones import infer_arch
 from mocobench.core.errors import CheckpointError
+from mocobench.core.vit import is_vit, vit_shape
 from mocobench.core.records import file_md5
 
 _BACKBONE_KEY = re.compile(r"^(conv1|bn1)\.[^.]+$|^layer[1-4]\.\d+\.")
@@ -104,30 +105,76 @@ def _read_moco(obj: Any) -> _Layout | None:
                    meta={"moco_version": version, "stored_arch": obj.get("arch"), "config": dict(config)})
 
 
-# moco-v3 vits.py vit_small and mmpretrain's `mocov3-small` (MMSelfSup's only ViT-S): 12 heads, not 6
+# No tensor shape tells a ViT's number of heads (core/vit.py), so each reader says it where its format differs
+# from DeiT/timm's: moco-v3 vits.py `vit_small` and mmpretrain's `mocov3-small` (MMSelfSup's MoCo v3 ViT-S)
+# have 12 heads, not 6. moco-v3's own arch names (main_moco.py/main_lincls.py `--arch`) -> ours:
 MOCO_V3_VIT_HEADS = {384: 12}
+_MOCO_V3_ARCHS = {"vit_small": "vit_small_h12", "vit_base": "vit_base"}
+
+
+def _heads_of(arch: str) -> dict[int, int]:
+    """{embed dim: heads} of one of our ViT arch names."""
+    embed, _, heads, _, _ = vit_shape(arch)
+    return {embed: heads}
+
+
+def _moco_v3_heads(obj: Mapping) -> dict[int, int]:
+    """Our files (runs and `convert --to moco`) record our arch name in `config.arch` (vit_small is 6 heads
+    here); official moco-v3 files have no `config` and record moco-v3's name (`arch`: vit_small = 12 heads);
+    neither: MoCo v3's default."""
+    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else {}
+    ours, stored = config.get("arch"), obj.get("arch")
+    if isinstance(ours, str) and is_vit(ours):
+        return _heads_of(ours)
+    if isinstance(stored, str) and stored in _MOCO_V3_ARCHS:
+        return _heads_of(_MOCO_V3_ARCHS[stored])
+    return MOCO_V3_VIT_HEADS
 
 
 def _read_moco_v3(obj: Any) -> _Layout | None:
-    """facebookresearch/moco-v3 `main_moco.py`: ResNet (`fc` = projector) or ViT (`head` = projector)."""
+    """facebookresearch/moco-v3 `main_moco.py` (and ours, algorithm: moco_v3): ResNet (`fc` = projector) or
+    ViT (`head` = projector)."""
     sd = _sub(obj, "state_dict") or {}
     prefix = _with_prefix(sd, "module.base_encoder.", "base_encoder.")
     vit = _vit_prefix(sd, "module.base_encoder.", "base_encoder.")
     if prefix is None and vit is None:
         return None
-    return _Layout("moco_v3", sd, prefix=prefix or vit, epoch=obj.get("epoch"), vit_heads=MOCO_V3_VIT_HEADS,
+    return _Layout("moco_v3", sd, prefix=prefix or vit, epoch=obj.get("epoch"), vit_heads=_moco_v3_heads(obj),
                    rename=timm_to_canonical if vit else (lambda k: k), meta={"stored_arch": obj.get("arch")})
 
 
+def _read_moco_v3_lincls(obj: Any) -> _Layout | None:
+    """moco-v3 `main_lincls.py` checkpoints of a ViT: epoch, arch (moco-v3's name), DDP state_dict of vits.py's
+    model (`module.` + timm names, `head` = the trained classifier), best_acc1, optimizer."""
+    sd = _sub(obj, "state_dict")
+    if sd is None or "best_acc1" not in obj or obj.get("arch") not in _MOCO_V3_ARCHS:
+        return None
+    prefix = _vit_prefix(sd, "module.", "")
+    if prefix is None:
+        return None
+    return _Layout("moco_v3", sd, prefix=prefix, fc_is_head=False, epoch=obj.get("epoch"),
+                   vit_heads=_moco_v3_heads(obj), rename=timm_to_canonical,
+                   meta={"stored_arch": obj.get("arch"), "moco_v3_file": "main_lincls.py"})
+
+
 def _read_mmselfsup(obj: Any) -> _Layout | None:
-    """MMSelfSup/OpenSelfSup: `backbone.` ResNet (torchvision names) or ViT (mmpretrain names)."""
+    """MMSelfSup/OpenSelfSup: `backbone.` ResNet (torchvision names) or ViT (mmpretrain names). Its MoCo v3
+    (neck `fc0`, `momentum_encoder.module.`) ViT-S is `mocov3-small`, 12 heads; its other ViTs have timm's."""
     sd = _sub(obj, "state_dict")
     if sd is None or not ("backbone.conv1.weight" in sd or "backbone.patch_embed.projection.weight" in sd):
         return None
     meta = _sub(obj, "meta") or {}
     vit = "backbone.patch_embed.projection.weight" in sd
-    return _Layout("mmselfsup", sd, prefix="backbone.", epoch=meta.get("epoch"), vit_heads=MOCO_V3_VIT_HEADS,
+    mocov3 = any(str(k).startswith(("neck.fc0.", "momentum_encoder.module.")) for k in sd)
+    return _Layout("mmselfsup", sd, prefix="backbone.", epoch=meta.get("epoch"),
+                   vit_heads=MOCO_V3_VIT_HEADS if mocov3 else {},
                    rename=mmselfsup_to_timm if vit else (lambda k: k))
+
+
+def _is_headless_vit_small(sd: Mapping) -> bool:
+    cls = sd.get("cls_token")
+    return (isinstance(cls, torch.Tensor) and cls.shape[-1] == 384
+            and not any(str(k).startswith(("head.", "fc.")) for k in sd))
 
 
 def _read_timm(obj: Any) -> _Layout | None:
@@ -140,6 +187,11 @@ def _read_timm(obj: Any) -> _Layout | None:
     for wrapper in (None, "state_dict", "model"):
         sd = obj if wrapper is None else _sub(obj, wrapper)
         if sd is not None and _vit_prefix(sd, "") == "" and "blocks.0.attn.qkv.weight" in sd:
+            if wrapper == "model" and set(obj) == {"model"} and _is_headless_vit_small(sd):
+                # moco-v3 convert_to_deit.py output: {"model": base_encoder without its projector}. DeiT's
+                # ViT-S files keep their classifier and MAE's headless {"model"} releases are ViT-B/L/H.
+                return _Layout("moco_v3", sd, fc_is_head=False, rename=timm_to_canonical,
+                               vit_heads=MOCO_V3_VIT_HEADS, meta={"moco_v3_file": "convert_to_deit.py"})
             return _Layout("timm", sd, fc_is_head=False, rename=timm_to_canonical, epoch=obj.get("epoch"),
                            meta={"wrapper": wrapper})
     return None
@@ -200,7 +252,7 @@ def _read_ddp(obj: Any) -> _Layout | None:
                    outside=outside, rename=timm_to_canonical if vit else (lambda k: k))
 
 
-_READERS = (_read_detectron2, _read_vissl, _read_moco, _read_moco_v3, _read_mmselfsup, _read_mae, _read_timm,
+_READERS = (_read_detectron2, _read_vissl, _read_moco, _read_moco_v3, _read_moco_v3_lincls, _read_mmselfsup, _read_mae, _read_timm,
             _read_torchvision, _read_ddp)
 
 

@@ -36,7 +36,8 @@ def timm_to_canonical(name: str) -> str:
 
 
 def canonical_to_timm(name: str) -> str:
-    """The inverse of `timm_to_canonical` (`fc` -> `head`); ResNet names pass through."""
+    """The inverse of `timm_to_canonical` (`fc` -> `head`), for ViT names only: timm's ResNets call their
+    classifier `fc` too."""
     return "head." + name[len("fc."):] if name.startswith("fc.") else name
 
 

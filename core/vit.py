@@ -1,11 +1,11 @@
 """Vision Transformers: timm's `VisionTransformer` with its classifier named `fc`, as the ResNets' is.
 
-Arch names (Dosovitskiy et al. 2021, Table 1; DeiT's Tiny; head dim 64 throughout):
+Arch names (Dosovitskiy et al. 2021, Table 1; DeiT's Tiny; heads of 64 dims except where said):
 
   vit_tiny, vit_small, vit_base, vit_large   embed 192 / 384 / 768 / 1024, depth 12/12/12/24, patch 16, 224 px
   <any of them>_p8                           the same with patch 8 (DINO's ViT-S/8, ViT-B/8)
   vit_small_h12                              MoCo v3's ViT-Small: 12 heads of 32 (moco-v3 vits.py; DeiT, DINO, timm: 6)
-  vit_demo                                   embed 128, depth 4, 2 heads, patch 4, 32 px: the CPU demo size
+  vit_demo                                   embed 128, depth 4, 2 heads of 64, patch 4, 32 px: the CPU demo size
 
 Parameter names are timm's (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1,attn.qkv,attn.proj,
 norm2,mlp.fc1,mlp.fc2}`, `norm`) except the classifier, `fc` (timm: `head`), so the code that swaps a ResNet's
@@ -14,6 +14,7 @@ norm2,mlp.fc1,mlp.fc2}`, `norm`) except the classifier, `fc` (timm: `head`), so 
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -45,6 +46,7 @@ def vit_shape(arch: str) -> tuple[int, int, int, int, int]:
     return VIT_ARCHS[arch]
 
 
+@functools.cache
 def _timm_vit_class():
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -59,6 +61,15 @@ def _timm_vit_class():
         def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
             x = self.head_drop(self.fc_norm(self.pool(x)))
             return x if pre_logits else self.fc(x)
+
+        def get_classifier(self) -> nn.Module:
+            return self.fc
+
+        def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+            self.head = self.fc
+            super().reset_classifier(num_classes, global_pool)
+            self.fc = self.head
+            del self.head
 
     return VisionTransformer
 
@@ -80,9 +91,14 @@ def infer_vit_arch(state_dict: dict[str, torch.Tensor], heads: dict[int, int] | 
     embed = int(state_dict["cls_token"].shape[-1])
     depth = len({int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")})
     patch = int(state_dict["patch_embed.proj.weight"].shape[-1])
-    for name in vit_archs():
-        e, d, h, p, _ = vit_shape(name)
-        if (e, d, p) == (embed, depth, patch) and (heads is None or embed not in heads or heads[embed] == h):
+    shaped = [name for name in vit_archs() if vit_shape(name)[:2] + vit_shape(name)[3:4] == (embed, depth, patch)]
+    want = (heads or {}).get(embed)
+    for name in shaped:
+        if want is None or vit_shape(name)[2] == want:
             return name
+    if shaped:
+        raise ValueError(f"a ViT of embed dim {embed}, depth {depth}, patch {patch} with {want} heads (what its "
+                         f"format has) is not an arch here; the {', '.join(shaped)} arch has "
+                         f"{vit_shape(shaped[0])[2]} heads")
     raise ValueError(f"unrecognised ViT: embed dim {embed}, depth {depth}, patch {patch} "
                      f"(known: {', '.join(vit_archs())})")

@@ -131,7 +131,9 @@ def sincos_pos_embed_2d(grid: tuple[int, int], embed_dim: int, temperature: floa
 def moco_v3_vit_init(vit: nn.Module, stop_grad_conv1: bool = True) -> nn.Module:
     """VisionTransformerMoCo (vits.py) on a timm ViT: fixed 2D sin-cos position embedding (no gradient); Xavier
     uniform for every Linear, with q, k, v of `qkv` treated as separate matrices; zero biases; CLS token
-    N(0, 1e-6); Xavier-uniform patch projection; `stop_grad_conv1` freezes the random patch projection (Sec. 4.2)."""
+    N(0, 1e-6); Xavier-uniform patch projection; `stop_grad_conv1` freezes the random patch projection (Sec. 4.2).
+    The table is built for the arch's own patch grid (core/vit.py image size); crops of another size use timm's
+    interpolation of it (`dynamic_img_size`), not a table recomputed for their grid."""
     assert vit.num_prefix_tokens == 1, "the sin-cos embedding assumes one prefix token, [cls]"
     vit.pos_embed = nn.Parameter(sincos_pos_embed_2d(vit.patch_embed.grid_size, vit.embed_dim), requires_grad=False)
     for name, m in vit.named_modules():

@@ -591,3 +591,18 @@ def test_inspect_prints_the_summary(tmp_path, capsys):
     assert mocobench(["inspect", "--json", str(path)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_params"] == params and summary["epoch"] == 200 and summary["format"] == "moco"
+
+
+def test_convert_to_timm_keeps_a_resnet_classifier_named_fc(tmp_path):
+    """timm's ResNets use torchvision's names, `fc` included: the written file loads strictly into
+    timm.create_model('resnet18') (the independent reference) and gives the same logits."""
+    import timm
+    torch.manual_seed(0)
+    src = build_backbone("resnet18", 10).eval()
+    torch.save(src.state_dict(), tmp_path / "tv.pth")
+    assert mocobench(["convert", "--to", "timm", str(tmp_path / "tv.pth"), str(tmp_path / "timm.pth")]) == 0
+    ref = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    ref.load_state_dict(torch.load(tmp_path / "timm.pth", weights_only=True), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), src(x))

@@ -197,11 +197,43 @@ def test_moco_v3_vit_sets_the_projector_aside_and_drops_momentum_encoder_and_pre
     assert ckpt.meta["stored_arch"] == "vit_small"
 
 
+def write_ours_moco_v3(path, src):
+    """Our pretrain/train.py save_checkpoint with algorithm moco_v3 and arch vit_small (6 heads, as DeiT)."""
+    sd = {f"module.base_encoder.{k}": v for k, v in backbone_only(timm_names(src)).items()}
+    torch.save({"epoch": 3, "arch": "vit_small", "run_id": "pretrain-x", "config": {"arch": "vit_small"},
+                "state_dict": sd, "optimizer": {}}, path)
+
+
+def write_moco_v3_lincls(path, src):
+    """moco-v3 main_lincls.py save_checkpoint: epoch, arch (moco-v3's name), state_dict of the DDP-wrapped
+    vits.py model (its `head` the trained classifier), best_acc1, optimizer."""
+    sd = {f"module.{k}": v for k, v in timm_names(src).items()}
+    torch.save({"epoch": 90, "arch": "vit_small", "state_dict": sd, "best_acc1": 73.2, "optimizer": {}}, path)
+
+
+def write_convert_to_deit(path, src):
+    """moco-v3 convert_to_deit.py: {"model": base_encoder's keys without `module.base_encoder.` and head}."""
+    torch.save({"model": backbone_only(timm_names(src))}, path)
+
+
+def write_deit(path, src):
+    """A DeiT release: {"model": the timm-named ViT with its classifier}."""
+    torch.save({"model": timm_names(src)}, path)
+
+
+def write_mmselfsup_mae(path, src):
+    """MMSelfSup without MoCo v3's neck/momentum encoder (e.g. its MAE): mmpretrain's ViT-S, 6 heads."""
+    sd = {f"backbone.{mm_name(k)}": v for k, v in backbone_only(timm_names(src)).items()}
+    torch.save({"meta": {"epoch": 400}, "state_dict": {**sd, "neck.decoder_embed.weight": torch.randn(8, 384)}}, path)
+
+
 @pytest.mark.parametrize("writer,heads", [(write_moco_v3, 12), (write_mmselfsup, 12), (write_dino, 6),
-                                          (write_timm_plain, 6)])
+                                          (write_timm_plain, 6), (write_ours_moco_v3, 6), (write_moco_v3_lincls, 12),
+                                          (write_convert_to_deit, 12), (write_deit, 6), (write_mmselfsup_mae, 6)])
 def test_vit_small_heads_follow_the_format(tmp_path, writer, heads):
-    """No shape tells the number of heads: MoCo v3's ViT-S (vits.py) and MMSelfSup's `mocov3-small` have 12,
-    DINO's and timm's 6, and the attention differs, so the format decides."""
+    """No shape tells the number of heads: MoCo v3's ViT-S (vits.py; its pretrain, linear and convert_to_deit
+    files) and MMSelfSup's `mocov3-small` have 12, DINO's, timm's, DeiT's and ours `vit_small` 6, and the
+    attention differs, so the format decides."""
     torch.manual_seed(0)
     src = build_backbone("vit_small_h12" if heads == 12 else "vit_small", 10).eval()
     writer(tmp_path / "s.pth", src)
@@ -210,6 +242,47 @@ def test_vit_small_heads_follow_the_format(tmp_path, writer, heads):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(LayerFeatures(model.eval(), ["cls"])(x)["cls"], LayerFeatures(src, ["cls"])(x)["cls"])
+
+
+def test_moco_v3_lincls_vit_keeps_its_classifier(tmp_path):
+    torch.manual_seed(0)
+    src = build_backbone("vit_small_h12", 10).eval()
+    write_moco_v3_lincls(tmp_path / "l.pth", src)
+    model, ckpt = model_from_checkpoint(tmp_path / "l.pth")
+    assert (ckpt.format, ckpt.has_fc, ckpt.epoch, ckpt.meta["moco_v3_file"]) == ("moco_v3", True, 90, "main_lincls.py")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), src(x))
+
+
+def test_a_patch8_vit_with_moco_v3_heads_is_an_error_naming_the_heads(tmp_path):
+    """MoCo v3 released no ViT-S/8; one in its layout would have 12 heads, which no arch here has."""
+    src = build_backbone("vit_small_p8", 10)
+    sd = {f"module.base_encoder.{k}": v for k, v in backbone_only(timm_names(src)).items()}
+    torch.save({"epoch": 1, "state_dict": sd}, tmp_path / "p8.pth")
+    with pytest.raises(CheckpointError, match=r"patch 8 with 12 heads .* vit_small_p8 arch has 6 heads"):
+        load_backbone(tmp_path / "p8.pth")
+
+
+def test_convert_arch_override_is_recorded_for_every_reader(tmp_path, capsys):
+    """A 12-head ViT-S saved as plain timm weights reads as timm's 6-head vit_small; `convert --to moco --arch
+    vit_small_h12` writes a file every evaluator reads as the 12-head model it is."""
+    from mocobench.cli import main as mocobench
+    torch.manual_seed(0)
+    src = build_backbone("vit_small_h12", 10).eval()
+    write_timm_plain(tmp_path / "plain.pth", src)
+    assert load_backbone(tmp_path / "plain.pth").arch == "vit_small"
+    assert mocobench(["convert", "--to", "moco", "--arch", "vit_small_h12", str(tmp_path / "plain.pth"),
+                      str(tmp_path / "h12.pth")]) == 0
+    model, ckpt = model_from_checkpoint(tmp_path / "h12.pth")
+    assert (ckpt.format, ckpt.arch) == ("moco_v3", "vit_small_h12")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(LayerFeatures(model.eval(), ["cls"])(x)["cls"], LayerFeatures(src, ["cls"])(x)["cls"])
+    assert mocobench(["convert", "--to", "moco", "--arch", "vit_base", str(tmp_path / "plain.pth"),
+                      str(tmp_path / "b.pth")]) == 2
+    assert "--arch vit_base: embed dim 768, depth 12, patch 16, but the checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "b.pth").exists()
 
 
 def test_dino_vit_uses_the_teacher(tmp_path):
