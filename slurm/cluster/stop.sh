@@ -45,8 +45,8 @@ stop_wave() {
         log "stopped $name (pid $pid)"
     done
 }
-slurmds=()  # one slurmd per node: pids/slurmd-NODE.pid
-for f in "$STATE"/pids/slurmd*.pid; do [[ -e $f ]] && slurmds+=("$(basename "$f" .pid)"); done
+slurmds=()  # one slurmd per node: pids/slurmd-NODE.pid (not slurmdbd.pid: the database goes in the second wave)
+for f in "$STATE"/pids/slurmd-*.pid "$STATE"/pids/slurmd.pid; do [[ -e $f ]] && slurmds+=("$(basename "$f" .pid)"); done
 stop_wave "${slurmds[@]}" slurmctld
 stop_wave slurmdbd mariadbd munged
 
