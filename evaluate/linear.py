@@ -68,10 +68,10 @@ NAMED_PROTOCOLS = (  # evaluate/protocols.py
     Protocol("linear/moco", 1, {"mode": "lincls", **PROTOCOLS["lincls"], "batch_size": 256, "momentum": 0.9},
              "facebookresearch/moco main_lincls.py"),
     Protocol("linear/moco-v3-vit", 1, {"mode": "lincls_v3", **PROTOCOLS["lincls_v3"], "lr": V3_BASE_LR["vit"],
-                                       "batch_size": 1024, "momentum": 0.9},
+                                       "batch_size": 1024, "momentum": 0.9, "layer": "cls"},
              "facebookresearch/moco-v3 main_lincls.py, CONFIG.md (ViT-S/ViT-B: --lr 3, batch 1024)"),
     Protocol("linear/moco-v3-resnet", 1, {"mode": "lincls_v3", **PROTOCOLS["lincls_v3"], "lr": V3_BASE_LR["resnet"],
-                                          "batch_size": 1024, "momentum": 0.9},
+                                          "batch_size": 1024, "momentum": 0.9, "layer": "avgpool"},
              "facebookresearch/moco-v3 main_lincls.py, CONFIG.md (ResNet-50: default --lr 0.1, batch 1024)"),
     Protocol("linear/mmselfsup-multihead", 1,
              {"mode": "multihead", **PROTOCOLS["multihead"], "batch_size": 256, "momentum": 0.9},
@@ -274,22 +274,37 @@ def _loaders(cfg: LinearConfig, device: torch.device):
     return train_ds, train_loader, sampler, val_loader
 
 
-def run_images(cfg: LinearConfig, held: Claim) -> dict:
-    """lincls / multihead: train linear heads on the frozen backbone from images."""
-    start = now_iso()
-    device = dist.init_from_env(cfg.dist_backend)
-    torch.manual_seed(cfg.seed)
-    backbone = load_frozen_backbone(cfg.checkpoint, cfg.seed)
+def single_head_config(cfg: LinearConfig, backbone: nn.Module) -> LinearConfig:
+    """lincls / lincls_v3 train one head, on avgpool (ResNet) or the CLS token (ViT, moco-v3 main_lincls.py):
+    `layer` says which, and lincls_v3's unset lr is moco-v3's base lr for the backbone (V3_BASE_LR), so the
+    run record and its protocol (the ViT and ResNet ones differ in layer and lr) tell what was trained."""
     vit = is_vit_model(backbone)
-    if cfg.mode == "lincls_v3" and cfg.lr is None:
-        cfg = replace(cfg, lr=V3_BASE_LR["vit" if vit else "resnet"])
     if cfg.mode == "lincls" and vit:
         raise ConfigError(f"{cfg.checkpoint} is a ViT: main_lincls.py of MoCo v1/v2 is for ResNets; use --mode lincls_v3 "
                           "(moco-v3 main_lincls.py, the CLS token)")
+    if cfg.layer == "cls" and not vit:
+        raise ConfigError(f"--layer cls (the ViT protocol, --config moco-v3-vit) but {cfg.checkpoint} is a ResNet; "
+                          "moco-v3's ResNet protocol is --config moco-v3-resnet (avgpool)")
+    if cfg.layer not in ("avgpool", "cls"):
+        raise ConfigError(f"--layer {cfg.layer}: --mode {cfg.mode} trains one head, on avgpool (ResNets) or the "
+                          "CLS token (ViTs); other layers: --mode multihead, or the feature evaluators")
+    cfg = replace(cfg, layer="cls" if vit else "avgpool")
+    if cfg.mode == "lincls_v3" and cfg.lr is None:
+        cfg = replace(cfg, lr=V3_BASE_LR["vit" if vit else "resnet"])
+    return cfg
+
+
+def run_images(cfg: LinearConfig, held: Claim, backbone: nn.Module | None = None) -> dict:
+    """lincls / multihead: train linear heads on the frozen backbone from images (`backbone`: already loaded)."""
+    start = now_iso()
+    device = dist.init_from_env(cfg.dist_backend)
+    torch.manual_seed(cfg.seed)
+    if backbone is None:
+        backbone = load_frozen_backbone(cfg.checkpoint, cfg.seed)
     train_ds, train_loader, sampler, val_loader = _loaders(cfg, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    single = "cls" if vit else "avgpool"
+    single = cfg.layer
     layers = [single] if cfg.mode in ("lincls", "lincls_v3") else [check_layer(x) for x in cfg.layers]
     torch.manual_seed(cfg.seed + 1)  # head init and data order, independent of how the backbone was built
     model = LinearEval(backbone, layers, len(train_ds.classes), bn_heads=cfg.mode == "multihead",
@@ -442,7 +457,11 @@ def run(cfg: LinearConfig) -> dict:
         check_checkpoint(cfg.checkpoint)
         if cfg.dataset != "imagefolder":
             raise ConfigError("linear evaluation reads an ImageFolder dataset (--dataset imagefolder)")
+    backbone = None
+    if cfg.mode in ("lincls", "lincls_v3"):
+        backbone = load_frozen_backbone(cfg.checkpoint, cfg.seed)
+        cfg = single_head_config(cfg, backbone)
     held = claim_out(cfg, BENCHMARK[cfg.mode])
     if held.finished is not None:
         return held.finished["metrics"]
-    return run_fast(cfg, held) if cfg.mode == "fast" else run_images(cfg, held)
+    return run_fast(cfg, held) if cfg.mode == "fast" else run_images(cfg, held, backbone)

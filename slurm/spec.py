@@ -83,7 +83,8 @@ def merge_resources(*layers: Resources) -> Resources:
 class PretrainSection:
     config: list[str] = option([], "PretrainConfig YAML files or shipped names (pretrain/configs), in order")
     overrides: dict = option({}, "PretrainConfig fields set for every variant")
-    variants: dict = option({}, "variant name -> {config: [...], field: value, ...} (default: one variant 'moco')")
+    variants: dict = option({}, "variant name -> {config: [...], resources: {...}, field: value, ...} (default: one "
+                                "variant 'moco'); a variant's resources override the section's")
     grid: dict = option({}, "field -> list of values; every combination is run for every variant")
     trials: int = option(1, "trials (seeds) per variant x grid point")
     seeds: list[int] | None = option(None, "explicit seeds, one trial each (default: seed, seed+1, ...)")
@@ -191,6 +192,8 @@ def pretrain_section(spec: SweepSpec) -> PretrainSection:
     for name, variant in sec.variants.items():
         if variant is not None and not isinstance(variant, dict):
             raise ConfigError(f"{where}.variants.{name}: expected a mapping of fields, got {variant!r}")
+        if variant and "resources" in variant:
+            parse_resources(variant["resources"], f"{where}.variants.{name}.resources")
     parse_resources(sec.resources, f"{where}.resources")
     return sec
 
@@ -245,6 +248,7 @@ class PretrainPoint:
     seed: int | None      # None: keep the config's seed (+ trial)
     configs: list[str]    # YAML files / shipped names, in order
     fields: dict          # field overrides, applied after the YAMLs
+    resources: dict = dataclasses.field(default_factory=dict)  # the variant's own, over the section's
 
 
 def _fmt(value: Any) -> str:
@@ -270,6 +274,7 @@ def pretrain_points(spec: SweepSpec) -> list[PretrainPoint]:
     for vname, vdata in variants.items():
         vdata = dict(vdata or {})
         vconfigs = as_list(vdata.pop("config", []))
+        vresources = vdata.pop("resources", None) or {}
         for combo in itertools.product(*(sec.grid[k] for k in keys)):
             grid = dict(zip(keys, combo))
             parts = [f"{k}={_fmt(v)}" for k, v in grid.items()]
@@ -280,5 +285,5 @@ def pretrain_points(spec: SweepSpec) -> list[PretrainPoint]:
             for trial, seed in enumerate(seeds):
                 points.append(PretrainPoint(variant=label, name=vname, slug=slug, trial=trial, seed=seed,
                                             configs=sec.config + vconfigs,
-                                            fields={**sec.overrides, **vdata, **grid}))
+                                            fields={**sec.overrides, **vdata, **grid}, resources=vresources))
     return points

@@ -140,13 +140,14 @@ def _pretrain_stages(spec: sp.SweepSpec, root: Path, spec_dir: Path) -> list[Sta
         sid = f"{point.slug}/trial{point.trial}/pretrain"
         seed = point.seed if point.seed is not None else cfg.seed + point.trial
         cfg = dataclasses.replace(cfg, out=str(root / sid), seed=seed)
-        config = train.config_record(cfg)  # v1/v2 runs without the moco_v3 fields: their hashes stay what they were
+        config = train.config_record(cfg)  # only the fields the algorithm uses: only they change the hash
         hashed = {k: v for k, v in config.items() if k != "out"}
         stages.append(Stage(
             id=sid, kind="pretrain", benchmark="moco", group="pretrain", dir=str(root / sid),
             payload={"call": "dataclass", "module": kind.module, "function": kind.function,
                      "config_class": kind.config_class.__name__, "config": config},
-            resources=res, hash=config_hash("moco", hashed, {}),
+            resources=sp.merge_resources(res, sp.parse_resources(point.resources, f"{where}.resources")),
+            hash=config_hash("moco", hashed, {}),
             info={"variant": point.variant, "model": point.name, "trial": point.trial, "stage": "pretrain",
                   "checkpoint_id": f"{point.slug}/trial{point.trial}"},
             produces=str(root / sid / f"checkpoint_{cfg.epochs - 1:04d}.pth.tar")))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
+import json
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 from mocobench.checkpoints.formats import load_backbone
 from mocobench.checkpoints.models import model_from_checkpoint
 from mocobench.core.backbones import build_backbone
-from mocobench.core.errors import CheckpointError
+from mocobench.core.errors import CheckpointError, ConfigError
 from mocobench.evaluate.layers import LayerFeatures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -377,6 +379,35 @@ def test_vit_checkpoints_through_every_frozen_evaluator(writer, demo_data, tmp_p
     lin = read_metrics(tmp_path / "linear" / "metrics.json")
     assert set(lin["metrics"]) >= {"top1", "cls/top1", "best_top1"} and lin["metrics"]["details"]["backbone_unchanged"]
     assert lin["config"]["lr"] == 3.0 and lin["protocol"] == "linear/custom"  # 1 epoch at batch 8: not the protocol
+    run_record = json.loads((tmp_path / "linear" / "run.json").read_text())
+    assert (run_record["config"]["lr"], run_record["config"]["layer"]) == (3.0, "cls")  # resolved before it is written
+
+
+def test_moco_v3_linear_protocol_is_the_backbones_own():
+    """CONFIG.md's ViT recipe (lr 3, CLS token) run on a ResNet is not the ResNet protocol (lr 0.1, avgpool),
+    nor labelled the ViT one: the layer is part of each."""
+    from mocobench.evaluate import linear
+    from mocobench.evaluate.layers import load_frozen_backbone
+    from mocobench.evaluate.protocols import protocol_of
+    from mocobench.core.config import to_dict
+    vit_recipe = linear.resolve_protocol(linear.LinearConfig(mode="lincls_v3", lr=3.0, batch_size=1024))
+    default = linear.resolve_protocol(linear.LinearConfig(mode="lincls_v3", batch_size=1024))
+    got = {}
+    for arch in ("vit_demo", "resnet18_small:16"):
+        backbone = load_frozen_backbone(f"random:{arch}")
+        for name, cfg in (("vit recipe", vit_recipe), ("default", default)):
+            resolved = linear.single_head_config(cfg, backbone)
+            got[arch, name] = (resolved.layer, resolved.lr,
+                               protocol_of(to_dict(resolved), linear.NAMED_PROTOCOLS, "linear"))
+    assert got == {("vit_demo", "vit recipe"): ("cls", 3.0, "linear/moco-v3-vit@1"),
+                   ("vit_demo", "default"): ("cls", 3.0, "linear/moco-v3-vit@1"),
+                   ("resnet18_small:16", "vit recipe"): ("avgpool", 3.0, "linear/custom"),
+                   ("resnet18_small:16", "default"): ("avgpool", 0.1, "linear/moco-v3-resnet@1")}
+    shipped_vit = dataclasses.replace(vit_recipe, layer="cls")  # --config moco-v3-vit
+    with pytest.raises(ConfigError, match="--layer cls .* is a ResNet; .* --config moco-v3-resnet"):
+        linear.single_head_config(shipped_vit, load_frozen_backbone("random:resnet18_small:16"))
+    with pytest.raises(ConfigError, match="--layer patch_mean: --mode lincls_v3 trains one head"):
+        linear.single_head_config(dataclasses.replace(vit_recipe, layer="patch_mean"), load_frozen_backbone("random:vit_demo"))
 
 
 def test_moco_v3_linear_schedule_and_vit_guard(tmp_path):

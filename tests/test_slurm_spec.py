@@ -226,5 +226,5 @@ def test_shipped_moco_v3_spec_keeps_each_protocol_to_its_archs(tmp_path):
                    for s in stages if s.kind == "eval")
     assert evals == [("knn", "v3-r50", "avgpool", None), ("knn-cls", "v3-vit-base", "cls", None),
                      ("knn-cls", "v3-vit-small", "cls", None), ("linear-v3-resnet", "v3-r50", "avgpool", "lincls_v3"),
-                     ("linear-v3-vit", "v3-vit-base", "avgpool", "lincls_v3"),
-                     ("linear-v3-vit", "v3-vit-small", "avgpool", "lincls_v3"), ("svm", "v3-r50", "voc_svm", None)]
+                     ("linear-v3-vit", "v3-vit-base", "cls", "lincls_v3"),
+                     ("linear-v3-vit", "v3-vit-small", "cls", "lincls_v3"), ("svm", "v3-r50", "voc_svm", None)]
