@@ -25,22 +25,28 @@ def available_archs() -> list[str]:
     return names + [n + SMALL_SUFFIX for n in names] + vit_archs()
 
 
-def build_backbone(arch: str = "resnet50", num_classes: int = 1000, width: int = 64) -> nn.Module:
-    """A randomly initialised torchvision ResNet (or small-stem variant, or ViT) with an `fc` of `num_classes`."""
+def check_arch(arch: str, width: int = 64) -> None:
+    """A ValueError saying what is wrong unless `build_backbone(arch, width=width)` can build it."""
     if is_vit(arch):
         if width != 64:
             raise ValueError(f"width={width} is only supported for the small-image ResNets (*{SMALL_SUFFIX}); "
                              f"a ViT's size is in its name ({arch})")
-        return build_vit(arch, num_classes)
+        return
     base = arch[: -len(SMALL_SUFFIX)] if is_small(arch) else arch
     if base not in torchvision.models.resnet.__all__ or not base[0].islower():
         raise ValueError(f"unknown arch {arch!r}; choose one of {available_archs()}")
+    if not is_small(arch) and width != 64:
+        raise ValueError(f"width={width} is only supported for the small-image archs (*{SMALL_SUFFIX})")
+
+
+def build_backbone(arch: str = "resnet50", num_classes: int = 1000, width: int = 64) -> nn.Module:
+    """A randomly initialised torchvision ResNet (or small-stem variant, or ViT) with an `fc` of `num_classes`."""
+    check_arch(arch, width)
+    if is_vit(arch):
+        return build_vit(arch, num_classes)
+    base = arch[: -len(SMALL_SUFFIX)] if is_small(arch) else arch
     model = getattr(torchvision.models, base)(weights=None, num_classes=num_classes)
-    if not is_small(arch):
-        if width != 64:
-            raise ValueError(f"width={width} is only supported for the small-image archs (*{SMALL_SUFFIX})")
-        return model
-    return _small_stem(model, width, num_classes)
+    return _small_stem(model, width, num_classes) if is_small(arch) else model
 
 
 def _small_stem(model: torchvision.models.ResNet, width: int, num_classes: int) -> nn.Module:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from mocobench.checkpoints.safe_load import safe_load
 from mocobench.core import distributed as dist
 from mocobench.core.atomic import atomic_save
-from mocobench.core.backbones import build_backbone
+from mocobench.core.backbones import build_backbone, check_arch
 from mocobench.core.config import option, parse_config, to_dict
 from mocobench.core.distributed import amp_dtype
 from mocobench.core.errors import USER_ERRORS, CheckpointError, ConfigError, DataError, debug_enabled, one_line
@@ -125,18 +125,26 @@ class NonFiniteLossError(RuntimeError):
 
 
 V3_FIELDS = ("algorithm", "optimizer", "warmup_epochs", "mlp_dim", "moco_m_cos", "stop_grad_conv1")
+V1V2_FIELDS = ("moco_k", "mlp", "aug_plus", "schedule", "cos", "shuffle_bn", "bn_groups", "mask_false_negatives")
 
 
 def config_record(cfg: PretrainConfig) -> dict:
-    """The config as recorded (run.json, checkpoints, metrics.json): v1/v2 runs leave out the moco_v3 fields
-    (always at their defaults there), so their records are those of a v1/v2-only PretrainConfig."""
+    """The config as recorded (run.json, checkpoints, metrics.json, stage hashes): only the fields the
+    algorithm uses. v1/v2 runs leave out the moco_v3 fields (an error unless at their defaults), v3 runs the
+    v1/v2 ones it ignores (no queue, its own heads, augmentation and schedule; see docs/pretrain.md), so a
+    sweep may layer v1/v2 configs under a v3 variant without them showing in its record."""
     record = to_dict(cfg)
-    return record if cfg.algorithm == "moco_v3" else {k: v for k, v in record.items() if k not in V3_FIELDS}
+    unused = V1V2_FIELDS if cfg.algorithm == "moco_v3" else V3_FIELDS
+    return {k: v for k, v in record.items() if k not in unused}
 
 
 def validate(cfg: PretrainConfig, world: int) -> None:
     if cfg.algorithm not in ("moco", "moco_v3"):
         raise ConfigError(f"algorithm={cfg.algorithm!r}: expected 'moco' (v1/v2) or 'moco_v3'")
+    try:
+        check_arch(cfg.arch, cfg.width)
+    except ValueError as e:
+        raise ConfigError(f"arch={cfg.arch!r}, width={cfg.width}: {e}") from None
     if cfg.algorithm == "moco_v3":
         if cfg.optimizer not in ("lars", "adamw"):
             raise ConfigError(f"optimizer={cfg.optimizer!r}: expected 'lars' or 'adamw'")

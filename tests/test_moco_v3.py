@@ -181,8 +181,15 @@ def test_v3_fields_need_the_v3_algorithm_and_v1v2_records_leave_them_out():
         validate(PretrainConfig(optimizer="adamw"), 1)
     with pytest.raises(ConfigError, match="loader='tensor': moco_v3"):
         validate(PretrainConfig(algorithm="moco_v3", loader="tensor"), 1)
+    with pytest.raises(ConfigError, match=r"arch='resnet51', width=64: unknown arch 'resnet51'; choose one of"):
+        validate(PretrainConfig(arch="resnet51"), 1)
+    with pytest.raises(ConfigError, match=r"arch='vit_demo', width=16: width=16 is only supported for the small"):
+        validate(PretrainConfig(algorithm="moco_v3", arch="vit_demo", width=16), 1)
     assert "algorithm" not in config_record(PretrainConfig())
     assert config_record(PretrainConfig(algorithm="moco_v3"))["optimizer"] == "lars"
+    v3_on_v2 = config_record(PretrainConfig(algorithm="moco_v3", mlp=True, aug_plus=True, cos=True, moco_k=4096))
+    assert not {"moco_k", "mlp", "aug_plus", "cos", "schedule", "shuffle_bn", "bn_groups"} & set(v3_on_v2)
+    assert {"moco_k", "mlp", "shuffle_bn"} <= set(config_record(PretrainConfig()))
 
 
 # --- training runs ---------------------------------------------------------------------------------------
