@@ -201,10 +201,18 @@ def first_task_failure(path: str | Path | None) -> str:
     or because srun stops them (--kill-on-bad-exit), so the first one is the cause."""
     if not path or not Path(path).exists():
         return ""
-    with open(path, errors="replace") as f:
-        for line in f:
-            m = SRUN_TASK_ERROR.match(line.strip())
-            if m:
-                node, tasks, what = m.groups()
-                return f"task{'s' if not tasks.isdigit() else ''} {tasks} on {node}: {what}"
+    for line in _tail_bytes(Path(path), TASK_ERROR_WINDOW).splitlines():
+        m = SRUN_TASK_ERROR.match(line.strip())
+        if m:
+            node, tasks, what = m.groups()
+            return f"task{'s' if not tasks.isdigit() else ''} {tasks} on {node}: {what}"
     return ""
+
+
+TASK_ERROR_WINDOW = 1 << 20  # srun reports task ends as the job ends: the last MiB of a long log holds them
+
+
+def _tail_bytes(path: Path, size: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - size))
+        return f.read().decode(errors="replace")

@@ -31,6 +31,7 @@ class StageStatus:
     reason: str = ""
     stderr: str | None = None
     error: str = ""          # debug executor: the exception text
+    tasks: int = 1           # nodes x tasks_per_node of its job
 
     @property
     def active(self) -> bool:
@@ -60,6 +61,11 @@ def _verdict(stage: dict, info: dict | None, job: dict | None, sched: jobs.JobSt
     if sched.state == "completed":
         return "failed", sched.raw, "the job completed without writing metrics.json for this config"
     return sched.state, sched.raw, sched.reason
+
+
+def _tasks(resources: dict | None) -> int:
+    resources = resources or {}
+    return int(resources.get("nodes") or 1) * int(resources.get("tasks_per_node") or 1)
 
 
 def collect(sweep_dir: str | Path) -> list[StageStatus]:
@@ -92,7 +98,7 @@ def collect(sweep_dir: str | Path) -> list[StageStatus]:
                                cluster=job.get("cluster") if job else None,
                                restarts=state.restarts(stage["dir"], job["job_id"] if job else None),
                                raw=raw, reason=reason, stderr=job.get("stderr") if job else None,
-                               error=(job or {}).get("error", "")))
+                               error=(job or {}).get("error", ""), tasks=_tasks(stage.get("resources"))))
     return out
 
 
@@ -114,9 +120,10 @@ def render(rows: list[StageStatus], tail_lines: int = 15) -> str:
         lines.append("")
         lines.append(f"--- {r.id}: {r.state} (job {r.job_id}, {r.cluster}, scheduler state {r.raw or '?'}"
                      + (f", {r.reason}" if r.reason else "") + ")")
-        first = jobs.first_task_failure(r.stderr) if r.cluster == "slurm" else ""
+        first = jobs.first_task_failure(r.stderr) if r.cluster == "slurm" and r.tasks > 1 else ""
         if first:
-            lines.append(f"    first task to fail: {first} (srun); the job's other tasks were stopped after it")
+            lines.append(f"    first task to fail: {first} (srun); read its error first, the other tasks' may "
+                         f"only follow from it")
         text = r.error or jobs.tail(r.stderr, tail_lines)
         if text:
             lines.append(f"    stderr tail ({r.stderr}):" if not r.error else "    error:")

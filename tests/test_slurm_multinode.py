@@ -8,6 +8,7 @@ the module fixture so that they overlap; each test waits for its own. Skipped, w
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -253,7 +254,10 @@ def test_status_names_the_first_task_that_failed(tmp_path):
     log.write_text("Traceback (most recent call last):\nValueError: bad\n")
     assert jobs.first_task_failure(log) == "" and jobs.first_task_failure(tmp_path / "missing") == ""
     row = status.StageStatus(id="v/trial0/pretrain", state="failed", job_id="7", cluster="slurm", restarts=0,
-                             raw="FAILED", stderr=str(log))
-    log.write_text("srun: error: node-2: task 1: Killed\nRuntimeError: Connection reset by peer\n")
+                             raw="FAILED", stderr=str(log), tasks=2)
+    log.write_text("x" * (jobs.TASK_ERROR_WINDOW + 10) + "\nsrun: error: node-2: task 1: Killed\n"
+                   "RuntimeError: Connection reset by peer\n")  # found in a log longer than the window read
     text = status.render([row])
     assert "first task to fail: task 1 on node-2: Killed (srun)" in text and "Connection reset by peer" in text
+    single = status.render([dataclasses.replace(row, tasks=1)])  # one task: the tail says it all
+    assert "first task to fail" not in single and "Connection reset by peer" in single
