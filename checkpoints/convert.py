@@ -110,6 +110,12 @@ def convert(src: str | Path, fmt: str, out: str | Path, trust: bool = False,
     ckpt = load_backbone(src, trust=trust)
     if arch is not None:
         ckpt = with_vit_arch(ckpt, arch)
-    write_checkpoint(ckpt.state_dict, fmt, out, arch=ckpt.arch, width=ckpt.width, head=ckpt.head,
-                     epoch=ckpt.epoch, author=_D2_AUTHOR.get(ckpt.format, "mocobench"), source_format=ckpt.format)
+    write_loaded(ckpt, fmt, out)
     return ckpt
+
+
+def write_loaded(ckpt: LoadedCheckpoint, fmt: str, out: str | Path) -> Path:
+    """Write what `load_backbone` read as `fmt` (head, epoch and the detectron2 author as `convert` does)."""
+    return write_checkpoint(ckpt.state_dict, fmt, out, arch=ckpt.arch, width=ckpt.width, head=ckpt.head,
+                            epoch=ckpt.epoch, author=_D2_AUTHOR.get(ckpt.format, "mocobench"),
+                            source_format=ckpt.format)

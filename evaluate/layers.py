@@ -124,6 +124,10 @@ class LayerFeatures(nn.Module):
         wrong = [layer for layer in self.layers if layer not in allowed]
         if wrong:
             raise ConfigError(f"layer {', '.join(wrong)} does not apply to a {kind}; its layers: {', '.join(allowed)}")
+        if self.vit and len(backbone.blocks) < max(VIT_LAST_BLOCKS[layer] for layer in self.layers):
+            short = [x for x in self.layers if VIT_LAST_BLOCKS[x] > len(backbone.blocks)]
+            raise ConfigError(f"layer {', '.join(short)} needs the last {VIT_LAST_BLOCKS[short[0]]} blocks; this "
+                              f"ViT has {len(backbone.blocks)}")
         self.upto = (max(VIT_LAST_BLOCKS[layer] for layer in self.layers) if self.vit
                      else max(STAGE_OF_LAYER[layer] for layer in self.layers))
 

@@ -91,12 +91,12 @@ class LinearConfig(FeatureSourceConfig):
     layers: list[str] = field(default_factory=lambda: list(MULTIHEAD_LAYERS),
                               metadata={"help": "multihead: layers with a head (feature1..feature5, avgpool)"})
     batch_size: int = option(256, "global batch size over all ranks", at_least=1)
-    epochs: Optional[int] = option(None, "epochs (lincls/fast 100, multihead 90)", at_least=1)
+    epochs: Optional[int] = option(None, "epochs (lincls/fast 100, multihead 90, lincls_v3 90)", at_least=1)
     lr: Optional[float] = option(None, "learning rate (lincls/fast 30, multihead 0.01; lincls_v3: base lr per 256 images, "
                                        "3 for ViTs, 0.1 for ResNets)", above=0)
-    schedule: Optional[list[int]] = option(None, "epochs where lr drops x0.1 (lincls/fast [60, 80], multihead [30, 60, 90])", at_least=0)
+    schedule: Optional[list[int]] = option(None, "epochs where lr drops x0.1 (lincls/fast [60, 80], multihead [30, 60, 90]; lincls_v3: none, cosine)", at_least=0)
     momentum: float = option(0.9, "SGD momentum", at_least=0, below=1)
-    weight_decay: Optional[float] = option(None, "weight decay (lincls/fast 0, multihead 1e-4)", at_least=0)
+    weight_decay: Optional[float] = option(None, "weight decay (lincls/fast 0, multihead 1e-4, lincls_v3 0)", at_least=0)
     nesterov: Optional[bool] = option(None, "Nesterov momentum: true/false (multihead true)")
     jitter: Optional[float] = option(None, "train ColorJitter strength, 0 = off (multihead 0.4)", at_least=0, at_most=1)
     lighting: Optional[float] = option(None, "train PCA lighting alphastd, 0 = off (multihead 0.1)", at_least=0)

@@ -62,7 +62,7 @@ class PretrainConfig:
     MoCo v3 (`--config moco_v3_vit_small`, ...), whose own fields default to moco-v3 `main_moco.py`'s flags."""
     data: str = option("demo", "dataset root with train/ in ImageFolder layout, or 'demo' for the embedded data")
     out: str = option("runs/pretrain", "run directory: checkpoints, logs, metrics, resolved config")
-    arch: str = option("resnet50", "torchvision ResNet name, or <name>_small (3x3 stem, no max-pool)")
+    arch: str = option("resnet50", "torchvision ResNet name, <name>_small (3x3 stem, no max-pool), or a ViT (core/vit.py)")
     width: int = option(64, "first-stage channels of the *_small archs (64 = standard)", at_least=1)
     epochs: int = option(200, "total epochs", at_least=1)
     batch_size: int = option(256, "global batch size over all ranks", at_least=1)

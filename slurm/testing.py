@@ -160,8 +160,12 @@ def pretrain_fixed_views(cfg) -> dict:
     different numbers of ranks see the same pixels and can be compared weight for weight (each rank draws
     its augmentations from its own random stream; nothing else in a step depends on the rank count)."""
     from mocobench.pretrain import train
+    original = train.moco_augmentation
     train.moco_augmentation = _fixed_views
-    return train.run(cfg)
+    try:
+        return train.run(cfg)
+    finally:
+        train.moco_augmentation = original
 
 
 def usable_nodes() -> list[str]:

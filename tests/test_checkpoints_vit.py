@@ -335,6 +335,9 @@ def test_random_vit_and_layers(tmp_path):
         LayerFeatures(model, ["avgpool"])
     with pytest.raises(ValueError, match="layer cls does not apply to a ResNet"):
         LayerFeatures(build_backbone("resnet18_small", 10, 8), ["cls"])
+    del model.blocks[2:]  # a 2-block ViT
+    with pytest.raises(ConfigError, match="layer cls_last4 needs the last 4 blocks; this ViT has 2"):
+        LayerFeatures(model, ["cls", "cls_last4"])
 
 
 def test_inspect_and_convert_a_vit(tmp_path, capsys):

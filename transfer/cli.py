@@ -100,18 +100,19 @@ def prepare_weights(weights: str, out_dir: Path, trust: bool = False) -> tuple[s
     """
     if weights.lower() == "none":
         return "", {"checkpoint": None, "checkpoint_md5": None, "format": "none", "arch": None}, []
-    from mocobench.checkpoints.convert import convert
+    from mocobench.checkpoints.convert import write_loaded
+    from mocobench.checkpoints.formats import load_backbone
     from mocobench.checkpoints.random_init import parse_random_spec
 
     is_file = parse_random_spec(weights) is None
     src = Path(weights).expanduser()
     if is_file and not src.is_file():
         raise TransferError(f"--weights {weights}: no such file (give a checkpoint, random:ARCH, or 'none')")
-    from mocobench.checkpoints.formats import load_backbone
-    model_opts_for(load_backbone(src if is_file else weights, trust=trust).arch)  # a ViT or small ResNet: say so first
+    ckpt = load_backbone(src if is_file else weights, trust=trust)
+    model_opts_for(ckpt.arch)  # a ViT or small ResNet: say so before anything is written
     dst = out_dir / "weights" / ((src.name.split(".")[0] if is_file else weights.replace(":", "_")) + ".pkl")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = convert(src if is_file else weights, "detectron2", dst, trust=trust)  # atomic write
+    write_loaded(ckpt, "detectron2", dst)  # atomic write
     source = {"checkpoint": str(src.resolve()) if is_file else None, "checkpoint_md5": ckpt.md5 or None,
               "format": ckpt.format, "arch": ckpt.arch}
     return str(dst), source, model_opts_for(ckpt.arch)
