@@ -14,6 +14,9 @@ purpose: any cue that survives the augmentations becomes the instance cue MoCo l
       ImageSets/Main/{train,val,trainval,test}.txt and <class>_<split>.txt  (`<id> 1|-1|0`)
   ROOT/coco/annotations/instances_{train,val}.json          the same detection images as COCO json
   ROOT/coco/{train,val}/<id>.jpg                            (trainval -> train, test -> val; polygon masks)
+  ROOT/VOCdevkit/VOC2012/, ROOT/cityscapes/, ROOT/lvis/,     the same detection images for semantic segmentation
+  ROOT/coco/annotations/person_keypoints_{train,val}.json   (VOC2012 + aug lists, Cityscapes), keypoints and LVIS:
+                                                            core/demo_dense.py
   ROOT/manifest.json                                        version, seed, counts, md5 of the file listing
 
 Layouts follow the PASCAL VOC 2007 devkit (Everingham et al., VOCdevkit_08-Jun-2007: per-class files with
@@ -44,7 +47,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 2
+from mocobench.core.demo_dense import DetImage, write_dense_layouts
+
+VERSION = 3
 SEED = 20191113  # MoCo's arXiv date; any fixed number works
 CLASS_NAMES = ("circle", "square", "triangle", "cross", "star", "diamond", "hexagon", "crescent", "arrow",
                "heart")
@@ -63,7 +68,7 @@ JPEG_QUALITY = 90
 MIN_DET_SIDE = 14        # objects whose box is smaller than this (px) are marked difficult ...
 MIN_VISIBLE = 0.5        # ... and so are those with under half of their area visible (occluded/truncated)
 MANIFEST = "manifest.json"
-OWN_ENTRIES = frozenset({"imagefolder", "VOCdevkit", "coco", MANIFEST})  # everything a build writes at its root
+OWN_ENTRIES = frozenset({"imagefolder", "VOCdevkit", "coco", "cityscapes", "lvis", MANIFEST})  # everything a build writes at its root
 
 
 class DemoDataError(RuntimeError):
@@ -277,6 +282,16 @@ def detection_image(split: str, index: int) -> tuple[Image.Image, list[dict]]:
     return _finish(rng, img), objects
 
 
+def label_map(objects: list[dict], size: int) -> np.ndarray:
+    """Index of the object on top at each pixel (-1 = background): each object's (clipped) outline at
+    coverage >= 0.5, later objects over earlier ones, as `detection_image` paints them."""
+    out = np.full((size, size), -1, np.int16)
+    for k, o in enumerate(objects):
+        m, box = _mask(np.array(o["polygon"], np.float64).reshape(-1, 2), size)
+        out[box][m >= 0.5] = k
+    return out
+
+
 def voc_box(bbox: list[float], width: int, height: int) -> tuple[int, int, int, int]:
     """Continuous [x0, y0, x1, y1] (pixel i spans [i, i+1)) -> VOC's 1-based inclusive pixel box."""
     x0, y0, x1, y1 = bbox
@@ -345,6 +360,7 @@ def _build(out: Path, progress: bool) -> dict:
         (out / "coco" / sub).mkdir(parents=True)
     ids: dict[str, list[str]] = {}
     per_image: dict[str, list[dict]] = {}
+    dets: list[DetImage] = []
     next_id, ann_id = 1, 1
     for split, n in DET_COUNTS.items():
         images, annotations = [], []
@@ -366,6 +382,7 @@ def _build(out: Path, progress: bool) -> dict:
                 ann_id += 1
             ids[split].append(image_id)
             per_image[image_id] = objects
+            dets.append(DetImage(image_id, next_id, split, img, objects, label_map(objects, DET_SIZE)))
             n_obj += len(objects)
             n_difficult += sum(o["difficult"] for o in objects)
             next_id += 1
@@ -391,6 +408,7 @@ def _build(out: Path, progress: bool) -> dict:
                 lines.append(f"{i} {label:2d}\n")
             (main / f"{name}_{split}.txt").write_text("".join(lines))
 
+    counts["dense"] = write_dense_layouts(out, dets, CLASS_NAMES)
     manifest = {"name": "mocobench-demo", "version": VERSION, "seed": SEED, "class_names": list(CLASS_NAMES),
                 "counts": counts, **_listing(out)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -63,9 +63,9 @@ def _link(src: Path, dst: Path) -> None:
 
 @pytest.fixture(scope="session")
 def smoke_root(demo_data, tmp_path_factory):
-    """The first demo images of each split, in detectron2's standard layout (VOC2007/, *2017 COCO names),
-    for the detectron2 smoke runs; images and XML files are links into the demo data, split lists and
-    COCO json are cut down."""
+    """The first demo images of each split, in detectron2's standard layout (VOC2007/, *2017 COCO names,
+    VOC2012/ segmentation, cityscapes/, lvis/), for the detectron2 smoke runs; images and annotation files are
+    links into the demo data, split lists and json files are cut down."""
     demo = demo_data
     root = tmp_path_factory.mktemp("smoke-data")
     voc = root / "VOC2007"
@@ -84,4 +84,36 @@ def smoke_root(demo_data, tmp_path_factory):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data))
         _link(demo.coco / split, root / "coco" / f"{split}2017")
+    _dense_slice(demo.root, root)
     return root
+
+
+def _cut_json(src: Path, dst: Path, n: int) -> None:
+    data = json.loads(src.read_text())
+    data["images"] = data["images"][:n]
+    keep = {im["id"] for im in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(data))
+
+
+def _dense_slice(demo: Path, root: Path) -> None:
+    """The same cut of the demo's VOC2012 segmentation, Cityscapes, COCO keypoints and LVIS layouts."""
+    voc, src = root / "VOC2012", demo / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "class_names.txt"):
+        _link(src / sub, voc / sub)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split, n in (("train", SMOKE_TRAIN // 2), ("aug", SMOKE_TRAIN // 2), ("val", SMOKE_TEST)):
+        ids = (src / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()[:n]
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    for split, n in (("train", SMOKE_TRAIN), ("val", SMOKE_TEST)):
+        for kind in ("leftImg8bit", "gtFine"):
+            city = next((demo / "cityscapes" / kind / split).iterdir())
+            stems = sorted({f.name.split("_")[2] for f in city.iterdir()})[:n]
+            for f in city.iterdir():
+                if f.name.split("_")[2] in stems:
+                    _link(f, root / "cityscapes" / kind / split / city.name / f.name)
+        _cut_json(demo / "coco" / "annotations" / f"person_keypoints_{split}.json",
+                  root / "coco" / "annotations" / f"person_keypoints_{split}2017.json", n)
+        _cut_json(demo / "lvis" / f"lvis_v0.5_{split}.json", root / "lvis" / f"lvis_v0.5_{split}.json", n)
+        _link(demo / "coco" / split, root / "coco" / split)  # LVIS: the coco_url's split folder

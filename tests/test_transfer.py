@@ -36,9 +36,11 @@ def test_importing_transfer_does_not_import_detectron2():
 
 
 def test_recipe_table_names_and_files():
-    assert list(RECIPES) == ["voc07-c4", "coco-c4-1x", "coco-c4-2x", "coco-fpn-1x", "coco-fpn-2x"]
+    assert list(RECIPES)[:5] == ["voc07-c4", "coco-c4-1x", "coco-c4-2x", "coco-fpn-1x", "coco-fpn-2x"]
     for r in RECIPES.values():
         assert r.config_path.is_file(), r.config_path
+        assert r.task in METRIC_NAMES and r.family in ("c4", "fpn", "fcn")
+    for r in list(RECIPES.values())[:5]:  # the dense recipes: tests/test_transfer_dense.py
         assert (r.task, r.family) == (("voc" if r.name.startswith("voc") else "coco"), r.name.split("-")[1])
     assert METRIC_NAMES["voc"] == ("AP", "AP50", "AP75")
     assert METRIC_NAMES["coco"][:6] == tuple(f"bbox/{k}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
@@ -99,7 +101,7 @@ SCHEDULES["coco-fpn-1x"], SCHEDULES["coco-fpn-2x"] = SCHEDULES["coco-c4-1x"], SC
 
 
 @needs_d2
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", list(SCHEDULES))
 def test_recipe_resolves_to_published_settings(recipe):
     cfg, want = _cfg(recipe), SCHEDULES[recipe]
     m = cfg.MODEL
@@ -260,8 +262,14 @@ def test_flatten_results_names():
     flat = flatten_results("coco", coco)
     assert [k for k in flat if k != "details"] == list(METRIC_NAMES["coco"])
     assert flat["segm/APm"] == 4.0 and flat["details"] == {"bbox/AP-cat": 9.0, "segm/AP-cat": 9.0}
-    with pytest.raises(ValueError, match="no bbox results"):
+    with pytest.raises(ValueError, match="no results to report"):
         flatten_results("voc", {})
+    sem = {"sem_seg": {"mIoU": 40.0, "fwIoU": 60.0, "IoU-road": 90.0, "mACC": 50.0, "pACC": 80.0, "ACC-road": 95.0}}
+    assert flatten_results("sem_seg", {"voc_seg_2012_val": sem}) == {
+        "mIoU": 40.0, "fwIoU": 60.0, "mACC": 50.0, "pACC": 80.0, "details": {"IoU-road": 90.0, "ACC-road": 95.0}}
+    lvis = {"segm": {"AP": 3.0, "APr": -100.0, "APc": 4.0}}  # LVISEval: -1 x 100 for a group without classes
+    flat = flatten_results("lvis", lvis)
+    assert flat["segm/AP"] == 3.0 and math.isnan(flat["segm/APr"]) and flat["segm/APc"] == 4.0
 
 
 # ---------------------------------------------------------------------------------------------------

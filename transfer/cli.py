@@ -169,6 +169,11 @@ def prepare(args: argparse.Namespace):
     except (KeyError, AssertionError) as e:  # yacs: unknown key / bad value type
         raise TransferError(f"bad detectron2 config override in {args.opts}: {e}") from None
     spec.classes = register_datasets(list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST), spec.data_root)
+    if cfg.MODEL.KEYPOINT_ON:
+        from detectron2.data import MetadataCatalog
+        spec.keypoints = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("keypoint_names", []))
+        if not spec.keypoints:
+            raise TransferError(f"{cfg.DATASETS.TRAIN[0]}: a keypoint recipe needs a dataset with keypoint names")
     fit_threads(cfg.DATALOADER.NUM_WORKERS)  # CPU runs train in this process; GPU workers inherit the limit
     return spec
 

@@ -27,14 +27,20 @@ DEPS=(
     "omegaconf>=2.1,<2.4"
     "hydra-core"
     "matplotlib" "tensorboard" "Pillow"
+    # the dense-prediction evaluators (docs/transfer.md): LVIS and Cityscapes APIs and what they import;
+    # OpenCV also for MMSeg's PhotoMetricDistortion. Headless OpenCV: no libGL needed on servers
+    "opencv-python-headless" "shapely" "appdirs" "pyquaternion" "coloredlogs" "requests"
 )
+# installed without their declared dependencies: lvis asks for opencv-python (needs libGL) and Cython, and
+# cityscapesscripts for the `typing` backport; everything they import is in DEPS
+NODEPS=("lvis==0.5.3" "cityscapesscripts==2.3.0")
 
 probe() {  # quick: detectron2 imports and every dependency is present; prints its version
     "$PY" - <<'EOF' 2>/dev/null
 import importlib.util, sys
 import detectron2, pkg_resources
 mods = ("pycocotools", "fvcore", "iopath", "yacs", "termcolor", "tabulate", "cloudpickle", "omegaconf", "hydra",
-        "tensorboard", "detectron2.model_zoo", "detectron2.engine")
+        "tensorboard", "detectron2.model_zoo", "detectron2.engine", "cv2", "shapely", "lvis", "cityscapesscripts")
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
 print(detectron2.__version__)
 sys.exit(1 if missing else 0)
@@ -42,7 +48,8 @@ EOF
 }
 
 check() {  # thorough: what the runner imports
-    "$PY" -c 'import detectron2.model_zoo, detectron2.engine, detectron2.evaluation, pycocotools.coco
+    "$PY" -c 'import detectron2.model_zoo, detectron2.engine, detectron2.evaluation, pycocotools.coco, cv2, lvis
+from cityscapesscripts.helpers.labels import name2label
 from detectron2.modeling.roi_heads import Res5ROIHeads'
 }
 
@@ -60,6 +67,7 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check --no-input "$@"
 
 echo "install_detectron2: installing dependencies: ${DEPS[*]}"
 pip_install "${DEPS[@]}"
+pip_install --no-deps "${NODEPS[@]}"
 # detectron2.model_zoo imports pkg_resources, which setuptools>=81 no longer ships.
 if ! "$PY" -c 'import pkg_resources' 2>/dev/null; then
     echo "install_detectron2: providing pkg_resources (setuptools<81)"

@@ -1,12 +1,15 @@
 """One detectron2 transfer run inside each launched process: config, trainer, evaluation, metrics.json.
 
-Follows facebookresearch/moco detection/train_net.py (DefaultTrainer; VOC -> PascalVOCDetectionEvaluator,
-COCO -> COCOEvaluator), with datasets read from a user root (transfer/datasets.py) and the result
-written as metrics.json by the main process. Imported only once detectron2 is known to be installed.
+Follows facebookresearch/moco detection/train_net.py (DefaultTrainer; the evaluator chosen by the dataset:
+VOC -> PascalVOCDetectionEvaluator, COCO boxes/masks/keypoints -> COCOEvaluator, LVIS -> LVISEvaluator,
+Cityscapes instances -> CityscapesInstanceEvaluator, semantic segmentation -> SemSegEvaluator), with
+datasets read from a user root (transfer/datasets.py), the FCN pieces of transfer/segmentation.py, and the
+result written as metrics.json by the main process. Imported only once detectron2 is known to be installed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -15,19 +18,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, create_ddp_model, default_setup
 from detectron2.engine import defaults as d2_defaults
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, SemSegEvaluator
 from detectron2.utils import comm
 
 from mocobench.core.records import write_metrics
-from mocobench.transfer import modeling
+from mocobench.transfer import modeling, segmentation
 from mocobench.transfer.datasets import register_datasets
-from mocobench.transfer.recipes import COCO_KEYS, SMOKE_CONFIG, get_recipe
+from mocobench.transfer.recipes import LVIS_KEYS, SEM_SEG_KEYS, SMOKE_CONFIG, get_recipe
 
 logger = logging.getLogger("detectron2.mocobench")  # shares detectron2's handlers and log.txt
 
@@ -53,6 +57,7 @@ class RunSpec:
     num_gpus: int = 0
     opts: list[str] = field(default_factory=list)
     classes: list[str] | None = None     # filled by the launcher after registering datasets
+    keypoints: list[str] | None = None   # keypoint names of a keypoint dataset (launcher, from its json)
     run_id: str | None = None            # the run's claim on out_dir (core/run_folder.py)
 
     @property
@@ -65,18 +70,21 @@ REFERENCE_GPUS = 8  # the MoCo detection recipes' GPU count (batch 16 = 8 GPUs x
 
 
 def transfer_protocol(spec: RunSpec) -> str:
-    """`detectron2/<recipe>@1` for the recipe as published; smoke runs, linear scaling or overrides differ."""
+    """`<protocol>@1` for the recipe as published (detectron2/<recipe>, or e.g. seg/moco-fcn); smoke runs,
+    linear scaling or overrides differ."""
+    name = get_recipe(spec.recipe).protocol_name
     if spec.smoke:
-        return f"detectron2/{spec.recipe}-smoke"
+        return f"{name}-smoke"
     if spec.linear_scaling or spec.opts:
-        return f"detectron2/{spec.recipe}/custom"
-    return f"detectron2/{spec.recipe}@1"
+        return f"{name}/custom"
+    return f"{name}@1"
 
 
 def build_cfg(spec: RunSpec) -> CfgNode:
     """Recipe YAML, then smoke settings, then runner settings, then the user's opts (last wins)."""
     recipe = get_recipe(spec.recipe)
     cfg = get_cfg()
+    segmentation.add_segmentation_config(cfg)
     cfg.merge_from_file(str(recipe.config_path))
     if spec.smoke:
         cfg.merge_from_file(str(SMOKE_CONFIG))
@@ -89,11 +97,14 @@ def build_cfg(spec: RunSpec) -> CfgNode:
         "SOLVER.REFERENCE_WORLD_SIZE", REFERENCE_GPUS if spec.linear_scaling else 0,
         *spec.model_opts,
     ])
+    key = "SEM_SEG_HEAD" if recipe.task == "sem_seg" else "ROI_HEADS"
     if spec.classes is not None:
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(spec.classes)
+        cfg.MODEL[key].NUM_CLASSES = len(spec.classes)
+    if spec.keypoints is not None:
+        cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS = len(spec.keypoints)
     cfg.merge_from_list(list(spec.opts))
-    if spec.classes is not None and cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(spec.classes):
-        raise ValueError(f"MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES} but the datasets "
+    if spec.classes is not None and cfg.MODEL[key].NUM_CLASSES != len(spec.classes):
+        raise ValueError(f"MODEL.{key}.NUM_CLASSES={cfg.MODEL[key].NUM_CLASSES} but the datasets "
                          f"have {len(spec.classes)} classes: {spec.classes}")
     cfg.freeze()
     return cfg
@@ -106,6 +117,53 @@ def has_fast_coco_eval() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cityscapes_instance_evaluator(dataset_name: str):
+    """detectron2's CityscapesInstanceEvaluator with cityscapesScripts' `evaluateImgLists` done step by step
+    (same functions, same AP and AP50), leaving out its write of matches.json into the working directory."""
+    import glob
+
+    from detectron2.evaluation import CityscapesInstanceEvaluator  # needs cityscapesscripts
+
+    class CityscapesInstances(CityscapesInstanceEvaluator):
+        def evaluate(self):
+            comm.synchronize()
+            if comm.get_rank() > 0:
+                return None
+            import cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling as cs
+            args = cs.args
+            args.predictionPath, args.predictionWalk = os.path.abspath(self._temp_dir), None
+            args.JSONOutput, args.colorized, args.quiet = False, False, True
+            args.gtInstancesFile = os.path.join(self._temp_dir, "gtInstances.json")
+            gt_list = sorted(glob.glob(os.path.join(self._metadata.gt_dir, "*", "*_gtFine_instanceIds.png")))
+            if not gt_list:
+                raise FileNotFoundError(f"no *_gtFine_instanceIds.png under {self._metadata.gt_dir}/<city>/")
+            predictions = [cs.getPrediction(gt, args) for gt in gt_list]
+            cs.setInstanceLabels(args)
+            matches = cs.matchGtWithPreds(predictions, gt_list, cs.getGtInstances(gt_list, args), args)
+            averages = cs.computeAverages(cs.evaluateMatches(matches, args), args)
+            self._working_dir.cleanup()
+            return {"segm": {"AP": averages["allAp"] * 100, "AP50": averages["allAp50%"] * 100}}
+
+    return CityscapesInstances(dataset_name)
+
+
+@contextlib.contextmanager
+def removed_numpy_aliases():
+    """`np.float` and `np.in1d` while the LVIS (lvis 0.5.3 eval.py) and Cityscapes (cityscapesscripts 2.3.0
+    evalInstanceLevelSemanticLabeling.py) evaluators run: their releases call these, which NumPy 1.24 / 2.4
+    removed. Added only where missing, and taken away again afterwards."""
+    added = {name: value for name, value in (
+        ("float", float), ("in1d", lambda a, b, assume_unique=False, invert=False: np.isin(
+            np.asarray(a).ravel(), b, assume_unique=assume_unique, invert=invert))) if not hasattr(np, name)}
+    for name, value in added.items():
+        setattr(np, name, value)
+    try:
+        yield
+    finally:
+        for name in added:
+            delattr(np, name)
 
 
 class Trainer(DefaultTrainer):
@@ -122,13 +180,47 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        meta = MetadataCatalog.get(dataset_name)
+        kind = meta.get("evaluator_type")
+        out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         if kind == "pascal_voc":  # 11-point AP for VOC2007, AP averaged over IoU .50:.95 as AP
             return PascalVOCDetectionEvaluator(dataset_name)
-        if kind == "coco":
-            out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-            return COCOEvaluator(dataset_name, output_dir=out, use_fast_impl=has_fast_coco_eval())
+        if kind == "coco":  # boxes, masks and keypoints as the config has them (pycocotools COCOeval)
+            return COCOEvaluator(dataset_name, output_dir=out, use_fast_impl=has_fast_coco_eval(),
+                                 kpt_oks_sigmas=tuple(meta.get("keypoint_oks_sigmas", ())))
+        if kind == "sem_seg":
+            return SemSegEvaluator(dataset_name, distributed=True, output_dir=out,
+                                   sem_seg_loading_fn=segmentation.read_labels)
+        if kind == "lvis":
+            from detectron2.evaluation import LVISEvaluator  # needs the lvis package
+            return LVISEvaluator(dataset_name, output_dir=out)
+        if kind == "cityscapes_instance":
+            return cityscapes_instance_evaluator(dataset_name)
         raise ValueError(f"dataset {dataset_name!r} has no evaluator (evaluator_type={kind!r})")
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.MODEL.META_ARCHITECTURE == "FCNSegmentor":
+            return build_detection_train_loader(cfg, mapper=segmentation.SegmentationMapper(cfg, is_train=True))
+        return super().build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        if cfg.MODEL.META_ARCHITECTURE == "FCNSegmentor":
+            return build_detection_test_loader(cfg, dataset_name,
+                                               mapper=segmentation.SegmentationMapper(cfg, is_train=False))
+        return super().build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR":
+            return segmentation.poly_lr_scheduler(cfg, optimizer)
+        return super().build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        with removed_numpy_aliases():
+            return super().test(cfg, model, evaluators)
 
     def train(self):
         """Train, then return the final evaluation (DefaultTrainer returns it only with EXPECTED_RESULTS)."""
@@ -138,20 +230,23 @@ class Trainer(DefaultTrainer):
 
 def flatten_results(task: str, results: dict) -> dict:
     """detectron2's nested results -> flat metrics.json names (recipes.METRIC_NAMES), plus "details"
-    holding the per-class APs. Accepts {dataset: {...}} (several test sets: the first) or {...}."""
-    if results and "bbox" not in results:
+    holding the rest (per-class APs / IoUs). Accepts {dataset: {...}} (several test sets: the first) or {...}."""
+    kinds = ("bbox", "segm", "keypoints", "sem_seg")
+    if results and not any(k in results for k in kinds):
         results = next(iter(results.values()))
-    if not results or "bbox" not in results:
-        raise ValueError(f"no bbox results to report (got {results!r})")
+    if not results or not any(k in results for k in kinds):
+        raise ValueError(f"no results to report (got {results!r})")
     if task == "voc":
         return {k: float(results["bbox"][k]) for k in ("AP", "AP50", "AP75")}
+    if task == "sem_seg":
+        values = results["sem_seg"]
+        metrics = {k: float(values[k]) for k in SEM_SEG_KEYS}
+        return {**metrics, "details": {k: float(v) for k, v in values.items() if k not in SEM_SEG_KEYS}}
+    keys = {"lvis": LVIS_KEYS, "cityscapes": ("AP", "AP50")}.get(task, LVIS_KEYS[:6])
     metrics, details = {}, {}
     for kind, values in results.items():
-        for k, v in values.items():
-            if k in COCO_KEYS:
-                metrics[f"{kind}/{k}"] = float(v)
-            else:
-                details[f"{kind}/{k}"] = float(v)
+        for k, v in values.items():  # LVISEval's -1 (x100) for an empty group, e.g. no rare classes: no value
+            (metrics if k in keys else details)[f"{kind}/{k}"] = float(v) if v >= 0 else float("nan")
     return {**metrics, "details": details} if details else metrics
 
 
@@ -182,6 +277,7 @@ def run(spec: RunSpec) -> dict:
     recipe = get_recipe(spec.recipe)
     _fresh_log_handlers()
     modeling.register()
+    segmentation.register()
     cfg = build_cfg(spec)
     register_datasets(list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST), spec.data_root, classes=spec.classes)
     default_setup(cfg, argparse.Namespace(config_file=str(recipe.config_path), eval_only=spec.eval_only,
