@@ -98,7 +98,7 @@ def collect(sweep_dir: str | Path) -> list[StageStatus]:
                                cluster=job.get("cluster") if job else None,
                                restarts=state.restarts(stage["dir"], job["job_id"] if job else None),
                                raw=raw, reason=reason, stderr=job.get("stderr") if job else None,
-                               error=(job or {}).get("error", ""), tasks=_tasks(stage.get("resources"))))
+                               error=(job or {}).get("error", ""), tasks=_tasks((infos[stage["id"]] or {}).get("resources"))))
     return out
 
 
