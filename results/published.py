@@ -23,6 +23,12 @@ SOURCES: dict[str, tuple[str, str]] = {
                          "https://github.com/open-mmlab/mmselfsup/blob/main/configs/selfsup/mocov2/README.md"),
     "moco-v3": ("facebookresearch/moco-v3 README / CONFIG.md: linear probing of the released models (Chen, Xie, He "
                 "2021, Table 4 and Appendix)", "https://github.com/facebookresearch/moco-v3/blob/main/CONFIG.md"),
+    "moco-paper": ("He et al., Momentum Contrast for Unsupervised Visual Representation Learning, CVPR 2020, "
+                   "Table 6 (MoCo IN-1M, i.e. v1 200 epochs; fine-tuned with SyncBN, Appendix A)",
+                   "https://arxiv.org/abs/1911.05722"),
+    "mmselfsup-mocov2-seg": ("MMSelfSup mocov2_resnet50_8xb32-coslr-200e: VOC12aug mIoU with "
+                             "fcn_r50-d8_512x512_20k_voc12aug",
+                             "https://github.com/open-mmlab/mmselfsup/blob/0.x/configs/selfsup/mocov2/README.md"),
     "mmdet-selfsup": ("MMDetection configs/selfsup_pretrain: Mask R-CNN R50-FPN multi-scale 2x with the released "
                       "MoCo v2 800-epoch backbone",
                       "https://github.com/open-mmlab/mmdetection/blob/main/configs/selfsup_pretrain/README.md"),
@@ -100,7 +106,26 @@ def _refs() -> list[Ref]:
     # deliberately not matched to our multi-scale coco-fpn-1x.
     # MMDetection's own training protocol, not a mocobench recipe: shown next to no measured result
     add("coco-fpn-2x", "v2", 800, "mmdet-selfsup", "mmdetection/mask-rcnn_r50_fpn_ms-2x", bbox__AP=40.8, segm__AP=36.8)
+    # MoCo paper Table 6, MoCo IN-1M (v1, 200 epochs) with the paper's protocols; LVIS AP50/75 from the
+    # appendix's 2x columns, which Table 6 reports. Random-init cells are left out (not verified against the paper).
+    add("voc12-seg-fcn", "v1", 200, "moco-paper", "seg/moco-fcn@1", mIoU=72.5)
+    add("cityscapes-seg-fcn", "v1", 200, "moco-paper", "seg/moco-fcn@1", mIoU=75.3)
+    add("coco-keypoints-fpn-2x", "v1", 200, "moco-paper", "detectron2/coco-keypoints-fpn-2x@1", keypoints__AP=66.8)
+    add("lvis-fpn-2x", "v1", 200, "moco-paper", "detectron2/lvis-fpn-2x@1", segm__AP=24.1, segm__AP50=37.4,
+        segm__AP75=25.5)
+    add("cityscapes-fpn", "v1", 200, "moco-paper", "detectron2/cityscapes-fpn@1", segm__AP50=59.3)
+    # MMSelfSup's segmentation benchmark (no Cityscapes number is published there)
+    add("voc12-seg-fcn-d8", "v2", 200, "mmselfsup-mocov2-seg", "seg/mmseg-fcn-d8@1", mIoU=67.55)
     return out
+
+
+# MoCo paper Table 6, "super. IN-1M" (ImageNet-supervised ResNet-50, same fine-tuning): shown as table notes,
+# since no measured row is a supervised network unless a sweep adds one as a checkpoint.
+SUPERVISED_IN1M: dict[tuple[str, str], float] = {
+    ("voc12-seg-fcn", "mIoU"): 74.4, ("cityscapes-seg-fcn", "mIoU"): 74.6,
+    ("coco-keypoints-fpn-2x", "keypoints/AP"): 65.8, ("lvis-fpn-2x", "segm/AP"): 24.4,
+    ("cityscapes-fpn", "segm/AP50"): 59.6,
+}
 
 
 REFERENCES: tuple[Ref, ...] = tuple(_refs())

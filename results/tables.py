@@ -26,8 +26,8 @@ from mocobench.results import published
 from mocobench.results.gather import ANY_METRIC, STAND_IN, Gathered, aggregate, population_std
 
 DASH = "—"
-SMOKE_NOTE = ("A smoke run trains a few iterations at 256 px (transfer/configs/smoke.yaml) to check the transfer "
-              "pipeline end to end; its AP measures no model.")
+SMOKE_NOTE = ("A smoke run trains a few iterations on small images (transfer/configs/smoke.yaml and the recipe's "
+              "smoke options) to check the transfer pipeline end to end; its numbers measure no model.")
 
 
 @dataclass(frozen=True)
@@ -319,7 +319,7 @@ def semisup_table(frame: pd.DataFrame) -> Table:
 
 
 def detection_table(frame: pd.DataFrame) -> Table:
-    benches = sorted(b for b in frame["benchmark"].unique() if str(b).startswith("voc"))
+    benches = sorted(b for b in frame["benchmark"].unique() if str(b).startswith("voc") and "-seg-" not in str(b))
     cols = [Col("AP50", "AP50", decimals=1), Col("AP", "AP", decimals=1), Col("AP75", "AP75", decimals=1)]
     notes = [SMOKE_NOTE] if frame[frame["benchmark"].isin(benches)]["model"].str.contains("smoke").any() else []
     return family_table(frame, "detection", "VOC detection (Faster R-CNN)", benches, cols, per_benchmark=True,
@@ -327,11 +327,50 @@ def detection_table(frame: pd.DataFrame) -> Table:
 
 
 def coco_table(frame: pd.DataFrame) -> Table:
-    benches = sorted(b for b in frame["benchmark"].unique() if str(b).startswith("coco"))
+    benches = sorted(b for b in frame["benchmark"].unique() if str(b).startswith("coco") and "keypoints" not in str(b))
     cols = [Col(f"{label} {k}", f"{task}/{k}", decimals=1)
             for task, label in (("bbox", "box"), ("segm", "mask")) for k in ("AP", "AP50", "AP75")]
     return family_table(frame, "coco", "COCO detection and segmentation (Mask R-CNN)", benches, cols,
                         per_benchmark=True)
+
+
+def _supervised_notes(frame: pd.DataFrame, benches: list[str]) -> list[str]:
+    """The MoCo paper's ImageNet-supervised numbers for these benchmarks (results/published.py)."""
+    found = [f"{b} {m} {v}" for (b, m), v in published.SUPERVISED_IN1M.items() if b in benches]
+    notes = [f"ImageNet-supervised R50, same protocol (MoCo paper Table 6): {', '.join(found)}."] if found else []
+    if frame[frame["benchmark"].isin(benches)]["model"].str.contains("smoke").any():
+        notes.append(SMOKE_NOTE)
+    return notes
+
+
+def _dense_table(frame: pd.DataFrame, name: str, title: str, match, cols: list[Col]) -> Table:
+    benches = sorted(b for b in frame["benchmark"].unique() if match(str(b)))
+    return family_table(frame, name, title, benches, cols, per_benchmark=True, notes=_supervised_notes(frame, benches))
+
+
+def segmentation_table(frame: pd.DataFrame) -> Table:
+    """VOC 2012 and Cityscapes semantic segmentation; seg/moco-fcn and seg/mmseg-fcn-d8 are separate rows
+    (Protocol column) and their own benchmarks."""
+    cols = [Col(k, k, decimals=1) for k in ("mIoU", "fwIoU", "mACC", "pACC")]
+    return _dense_table(frame, "segmentation", "Semantic segmentation (FCN)", lambda b: "-seg-" in b, cols)
+
+
+def keypoints_table(frame: pd.DataFrame) -> Table:
+    cols = [Col(f"kp {k}", f"keypoints/{k}", decimals=1) for k in ("AP", "AP50", "AP75")] + [
+        Col("box AP", "bbox/AP", decimals=1)]
+    return _dense_table(frame, "keypoints", "COCO keypoint detection (Keypoint R-CNN)", lambda b: "keypoints" in b, cols)
+
+
+def lvis_table(frame: pd.DataFrame) -> Table:
+    cols = [Col(f"mask {k}", f"segm/{k}", decimals=1) for k in ("AP", "AP50", "AP75", "APr", "APc", "APf")] + [
+        Col("box AP", "bbox/AP", decimals=1)]
+    return _dense_table(frame, "lvis", "LVIS v0.5 instance segmentation (Mask R-CNN)", lambda b: b.startswith("lvis"), cols)
+
+
+def cityscapes_table(frame: pd.DataFrame) -> Table:
+    cols = [Col("mask AP", "segm/AP", decimals=1), Col("mask AP50", "segm/AP50", decimals=1)]
+    return _dense_table(frame, "cityscapes", "Cityscapes instance segmentation (Mask R-CNN)",
+                        lambda b: b.startswith("cityscapes") and "-seg-" not in b, cols)
 
 
 def checkpoint_table(frame: pd.DataFrame) -> Table:
@@ -368,7 +407,8 @@ def checkpoint_table(frame: pd.DataFrame) -> Table:
 
 
 FAMILIES = (readme_table, pretrain_table, linear_table, linear_fast_table, knn_table, svm_table, lowshot_table, semisup_table,
-            detection_table, coco_table, checkpoint_table)
+            detection_table, coco_table, keypoints_table, lvis_table, cityscapes_table, segmentation_table,
+            checkpoint_table)
 
 
 def build_tables(frame: pd.DataFrame) -> list[Table]:

@@ -473,3 +473,38 @@ def test_moco_v3_runs_are_v3_and_official_only_on_the_published_recipes():
     assert ref is not None and ref.value == 73.2
     assert published.lookup("linear", "top1", "v3/vit_small_h12", 300, "linear/moco@1") is None
     assert published.lookup("linear", "top1", "v3", 100, "linear/moco-v3-resnet@1").value == 68.9
+
+
+def test_dense_transfer_tables_with_published_and_supervised_numbers(tmp_path):
+    """Segmentation, keypoint, LVIS and Cityscapes records make their own tables; the MoCo paper's number sits
+    next to a v1 run of the paper's protocol only, MMSelfSup's next to a v2 run of MMSeg's, and the two
+    segmentation protocols are separate rows and benchmarks; the supervised numbers are a note."""
+    from mocobench.results.tables import cityscapes_table, detection_table, keypoints_table, lvis_table, segmentation_table
+    root = tmp_path / "sweep"
+    for method, cfg in (("v1", V1), ("v2", V2)):
+        md5 = md5_of(method[1])
+        ckpt = pretrain_run(root / method / "trial0" / "pretrain", cfg, md5=md5)
+        runs = {"voc12-seg-fcn": ({"mIoU": 70.0, "fwIoU": 80.0, "mACC": 75.0, "pACC": 90.0}, "seg/moco-fcn@1"),
+                "voc12-seg-fcn-d8": ({"mIoU": 66.0, "fwIoU": 79.0, "mACC": 74.0, "pACC": 89.0}, "seg/mmseg-fcn-d8@1"),
+                "coco-keypoints-fpn-2x": ({"keypoints/AP": 65.0, "keypoints/AP50": 86.0, "keypoints/AP75": 70.0,
+                                           "bbox/AP": 50.0}, "detectron2/coco-keypoints-fpn-2x@1"),
+                "lvis-fpn-2x": ({"segm/AP": 23.0, "segm/APr": float("nan"), "bbox/AP": 25.0}, "detectron2/lvis-fpn-2x@1"),
+                "cityscapes-fpn": ({"segm/AP": 30.0, "segm/AP50": 58.0}, "detectron2/cityscapes-fpn@1")}
+        for bench, (metrics, protocol) in runs.items():
+            eval_run(root / method / "trial0" / bench, bench, metrics, ckpt=ckpt, md5=md5, stage="transfer",
+                     protocol=protocol)
+    frame = gather(root, progress=False).frame
+    seg = segmentation_table(frame).frame.set_index(["Model", "Benchmark"])
+    assert seg.loc[("v1", "voc12-seg-fcn"), "mIoU"] == 70.0 and seg.loc[("v1", "voc12-seg-fcn"), "mIoU published"] == 72.5
+    assert math.isnan(seg.loc[("v2", "voc12-seg-fcn"), "mIoU published"])         # the paper's number is v1's
+    assert seg.loc[("v2", "voc12-seg-fcn-d8"), "mIoU published"] == 67.55          # MMSelfSup, MMSeg's protocol
+    assert seg.loc[("v2", "voc12-seg-fcn-d8"), "Protocol"] == "seg/mmseg-fcn-d8@1"
+    assert "voc12-seg-fcn mIoU 74.4" in "\n".join(segmentation_table(frame).notes)
+    kp = keypoints_table(frame).frame.set_index("Model")
+    assert kp.loc["v1", "kp AP"] == 65.0 and kp.loc["v1", "kp AP published"] == 66.8
+    lv = lvis_table(frame).frame.set_index("Model")
+    assert lv.loc["v1", "mask AP published"] == 24.1 and math.isnan(lv.loc["v1", "mask APr"])
+    cs = cityscapes_table(frame).frame.set_index("Model")
+    assert cs.loc["v1", "mask AP50 published"] == 59.3 and set(cs["Benchmark"]) == {"cityscapes-fpn"}
+    assert detection_table(frame).frame.empty  # voc12-seg-* are not VOC detection
+    assert [t.name for t in build_tables(frame)][-5:] == ["keypoints", "lvis", "cityscapes", "segmentation", "checkpoints"]
