@@ -136,7 +136,7 @@ def test_shipped_demo_spec_is_v1_vs_v2_with_every_benchmark(tmp_path):
     assert {k: v for k, v in pre["v1"].items() if k not in ("mlp", "aug_plus", "cos", "moco_t", "schedule", "out")} \
         == {k: v for k, v in pre["v2"].items() if k not in ("mlp", "aug_plus", "cos", "moco_t", "schedule", "out")}
     benches = sorted({s.benchmark for s in stages if s.kind != "pretrain"})
-    assert benches == ["knn", "linear", "lowshot", "semisup", "svm", "voc07-c4"]
+    assert benches == ["knn", "linear", "lowshot", "semisup", "svm", "voc07-c4", "voc12-seg-fcn"]
     linear = next(s for s in stages if s.benchmark == "linear")
     assert linear.payload["config"]["mode"] == "fast"
 
@@ -153,6 +153,12 @@ def test_shipped_imagenet_spec_expands(tmp_path):
     assert len(voc) == 3 * 5  # v1, v2, released x 5 trials
     semisup = sorted(s.payload["config"]["subset"] for s in stages if s.benchmark == "semisup")
     assert semisup == ["10pct", "10pct", "10pct", "1pct", "1pct", "1pct"]
+    dense = {b: sum(s.benchmark == b for s in stages) for b in ("voc12-seg-fcn", "cityscapes-seg-fcn",
+             "voc12-seg-fcn-d8", "cityscapes-seg-fcn-d8", "coco-keypoints-fpn-2x", "lvis-fpn-2x", "cityscapes-fpn")}
+    assert dense == {"voc12-seg-fcn": 15, "cityscapes-seg-fcn": 15, "voc12-seg-fcn-d8": 3, "cityscapes-seg-fcn-d8": 3,
+                     "coco-keypoints-fpn-2x": 3, "lvis-fpn-2x": 3, "cityscapes-fpn": 3}
+    seg = next(s for s in stages if s.benchmark == "voc12-seg-fcn-d8")
+    assert seg.payload["task"] == "sem_seg" and seg.payload["argv"][seg.payload["argv"].index("--num-gpus") + 1] == "4"
 
 
 def test_sacct_array_ranges_expand_and_never_override_started_tasks(monkeypatch):
@@ -182,7 +188,8 @@ def test_baselines_run_every_evaluator_at_random_init(tmp_path):
         want = "random:resnet18_small:16" if s.info["variant"] == "random init" else "random:resnet50"
         assert s.payload["config"]["checkpoint"] == want and "/baseline/random_" in s.dir
     smoke = [s for s in stages if s.kind == "transfer"]
-    assert [s.info["variant"] for s in smoke] == ["pipeline smoke run (random:resnet50)"]
+    assert [s.info["variant"] for s in smoke] == ["pipeline smoke run (random:resnet50)"] * 2
+    assert sorted(s.benchmark for s in smoke) == ["voc07-c4", "voc12-seg-fcn"]
 
 
 @pytest.mark.parametrize("baselines, needle", [
