@@ -54,11 +54,16 @@ def test_voc_segmentation_lists_labels_and_classes(demo_data, tmp_path):
     assert np.array_equal(seen, raw) or np.array_equal(seen, raw[:, ::-1])  # only a flip may have happened
     # DeepLab's layout: train_aug.txt with SegmentationClassAug/ wins
     (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (tmp_path / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("000001\n")
+    (tmp_path / "ImageSets" / "Segmentation" / "train_aug.txt").write_text(
+        "000001\n/JPEGImages/000002.jpg /SegmentationClassAug/000002.png\n")  # ids, or image/label pairs
     (tmp_path / "SegmentationClassAug").mkdir()
-    (tmp_path / "SegmentationClassAug" / "000001.png").write_bytes(b"")
+    for i in ("000001", "000002"):
+        (tmp_path / "SegmentationClassAug" / f"{i}.png").write_bytes(b"")
     assert [i["sem_seg_file_name"] for i in voc_seg_items(tmp_path, "train_aug")] == [
-        str(tmp_path / "SegmentationClassAug" / "000001.png")]
+        str(tmp_path / "SegmentationClassAug" / f"{i}.png") for i in ("000001", "000002")]
+    from mocobench.transfer.datasets import voc_seg_classes
+    (tmp_path / "class_names.txt").write_text("background\ncat\ndog")  # no trailing newline
+    assert voc_seg_classes(tmp_path) == ["background", "cat", "dog"]
     with pytest.raises(DatasetLayoutError, match=r"ImageSets/Segmentation/val.txt not found"):
         voc_seg_items(tmp_path, "val")
 
@@ -166,15 +171,41 @@ def test_fcn_loss_normalisation_and_aux_weight():
     torch.testing.assert_close(head.losses({"sem_seg": logits}, targets)["loss_sem_seg"], per_pixel)
 
 
-def test_slide_inference_covers_the_image_and_averages_overlaps():
-    """MMSeg slide_inference: with a network that returns its input, the averaged windows give the image back."""
+def test_slide_inference_windows_are_mmsegs_and_overlaps_average():
+    """MMSeg slide_inference: windows at multiples of the stride, the last one moved back to end at the
+    border (1025 rows, crop 769, stride 513: rows [0, 769) and [256, 1025)); logits averaged where windows
+    overlap (a network that returns its input gives the image back)."""
     from mocobench.transfer.segmentation import FCNSegmentor
     seg = FCNSegmentor.__new__(FCNSegmentor)
     torch.nn.Module.__init__(seg)
+    seg.slide_crop, seg.slide_stride = (769, 769), (513, 513)
+    windows = []
+
+    def record(crop):
+        windows.append(tuple(crop.shape[-2:]))
+        return torch.full_like(crop[:, :1], float(len(windows)))
+    seg._whole = record
+    out = seg._slide(torch.zeros(1, 3, 1025, 2049))
+    assert windows == [(769, 769)] * 8  # 2 rows x 4 columns (x from 0, 513, 1026, and 1280 to end at 2049)
+    # row-0 windows are calls 1-4, row-1 windows 5-8; pixel (500, 0) lies in the first column of both rows
+    assert out[0, 0, 0, 0] == 1 and out[0, 0, 1024, 2048] == 8 and out[0, 0, 500, 0] == (1 + 5) / 2
+    assert out[0, 0, 0, 1100] == (2 + 3) / 2 and out[0, 0, 0, 1290] == (3 + 4) / 2  # windows from 513/1026, 1026/1280
     seg.slide_crop, seg.slide_stride = (5, 6), (3, 4)
     seg._whole = lambda crop: crop * 1.0
     image = torch.arange(2 * 11 * 13, dtype=torch.float32).reshape(1, 2, 11, 13)
     torch.testing.assert_close(seg._slide(image), image)
+
+
+def test_training_batches_are_padded_to_the_crop():
+    """MMSeg's Pad(size=crop_size): a crop smaller than the crop size is padded (images 0, labels ignore),
+    so 'all' normalisation divides by the crop's pixel count."""
+    from mocobench.transfer.segmentation import FCNSegmentor
+    seg = FCNSegmentor.__new__(FCNSegmentor)
+    torch.nn.Module.__init__(seg)
+    seg.train_size = (8, 8)
+    labels = seg._pad_to_crop(torch.zeros(1, 4, 8, dtype=torch.long), 255)
+    assert tuple(labels.shape) == (1, 8, 8) and (labels[:, 4:] == 255).all() and (labels[:, :4] == 0).all()
+    assert tuple(seg._pad_to_crop(torch.ones(1, 3, 10, 6), 0.0).shape) == (1, 3, 10, 8)  # larger sides kept
 
 
 def test_keep_ratio_resize_poly_lr_and_photometric():
@@ -190,8 +221,13 @@ def test_keep_ratio_resize_poly_lr_and_photometric():
     img = np.full((2, 2, 3), 250, np.uint8)
     assert _distort(img, 20.0, None, True, None, None).max() == 255  # brightness, clipped
     assert np.array_equal(_distort(img, None, None, True, None, None), img)
-    grey = np.full((1, 1, 3), 100, np.uint8)
-    assert np.array_equal(_distort(grey, None, None, True, 1.5, 10), grey)  # no saturation: hue and saturation keep grey
+    import cv2  # MMSeg's reference: mmcv.bgr2hsv / hsv2bgr are cv2.cvtColor on the BGR image
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    hsv = cv2.cvtColor(rgb[..., ::-1].copy(), cv2.COLOR_BGR2HSV)
+    hsv[..., 1] = np.clip(hsv[..., 1].astype(np.float32) * 1.3, 0, 255).astype(np.uint8)
+    hsv[..., 0] = (hsv[..., 0].astype(int) + 10) % 180
+    want = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[..., ::-1]
+    assert np.array_equal(_distort(rgb, None, None, True, 1.3, 10), want)
 
 
 def test_converted_checkpoint_fills_the_dilated_backbone(tmp_path):
@@ -243,12 +279,17 @@ def test_dense_recipes_resolve_to_their_sources():
     assert (cs.MODEL.ROI_HEADS.NUM_CLASSES, cs.SOLVER.MAX_ITER, cs.SOLVER.IMS_PER_BATCH) == (8, 24000, 8)
     for cfg in (fcn, d8, kp, lvis, cs):
         assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN" and cfg.INPUT.FORMAT == "RGB"
+    # --linear-scaling starts from each schedule's own GPU count: MMSeg's are 4-GPU schedules
+    assert _cfg("voc12-seg-fcn-d8", linear_scaling=True).SOLVER.REFERENCE_WORLD_SIZE == 4
+    assert _cfg("voc12-seg-fcn", linear_scaling=True).SOLVER.REFERENCE_WORLD_SIZE == 8
+    assert "INPUT.SEG" not in kp.dump() and "SEG:" not in kp.INPUT.dump()  # FCN keys only in FCN configs
 
 
 @pytest.mark.parametrize("recipe", DENSE)
 def test_dense_smoke_run(recipe, smoke_root, tmp_path):
     """`mocobench transfer detectron2 --recipe R --smoke` trains 2 iterations and scores the demo test images
-    with the recipe's real evaluator; metrics.json has the task's metric names and protocol."""
+    with the recipe's real evaluator; metrics.json has the task's metric names and protocol. The values of a
+    2-iteration random-init model only show that the evaluator produced numbers in range."""
     from mocobench.core.records import read_metrics
     from mocobench.transfer.cli import main
     assert main(["detectron2", "--recipe", recipe, "--weights", "random:resnet50", "--out", str(tmp_path / "run"),

@@ -12,7 +12,7 @@
 Also accepted: the devkit tarball's `ROOT/VOCdevkit/VOC20xx/`, and year-less COCO files
 `ROOT/coco/annotations/instances_{train,val}.json` with `ROOT/coco/{train,val}/` (the demo data's layout).
 
-VOC segmentation (`voc_seg_2012_<split>`): `train_aug` is ImageSets/Segmentation/train_aug.txt with
+VOC segmentation (`voc_seg_2012_<split>`): `train_aug` is ImageSets/Segmentation/train_aug.txt (or trainaug.txt) with
 SegmentationClassAug/ when that list exists (DeepLab's layout), else train.txt with SegmentationClass/ plus
 aug.txt with SegmentationClassAug/ (MMSegmentation's `voc12aug`, 1,464 + 9,118 = 10,582 images); other
 splits read <split>.txt with SegmentationClass/. Label PNGs hold class indices (0 = background), 255 =
@@ -133,10 +133,11 @@ def keypoint_meta(json_file: Path) -> dict:
 def voc_seg_items(devkit: Path, split: str) -> list[dict]:
     """(image, label PNG) dicts of one VOC segmentation split (module docstring: train_aug, other splits)."""
     sets = devkit / "ImageSets" / "Segmentation"
-    if split == "train_aug" and not (sets / "train_aug.txt").is_file():
+    deeplab = next((n for n in ("train_aug", "trainaug") if (sets / f"{n}.txt").is_file()), None)
+    if split == "train_aug" and deeplab is None:
         parts = [("train", "SegmentationClass"), ("aug", "SegmentationClassAug")]
     elif split == "train_aug":
-        parts = [("train_aug", "SegmentationClassAug")]
+        parts = [(deeplab, "SegmentationClassAug")]
     else:
         parts = [(split, "SegmentationClass")]
     items = []
@@ -146,8 +147,10 @@ def voc_seg_items(devkit: Path, split: str) -> list[dict]:
             raise DatasetLayoutError(f"VOC segmentation list {path} not found; expected {devkit}/ImageSets/"
                                      f"Segmentation/{{train,aug,val}}.txt (or train_aug.txt) with JPEGImages/ "
                                      f"and SegmentationClass[Aug]/")
+        # a line is an id, or (some DeepLab lists) "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
+        ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
         items += [{"file_name": str(devkit / "JPEGImages" / f"{i}.jpg"),
-                   "sem_seg_file_name": str(devkit / label_dir / f"{i}.png")} for i in path.read_text().split()]
+                   "sem_seg_file_name": str(devkit / label_dir / f"{i}.png")} for i in ids]
     missing = [d["sem_seg_file_name"] for d in items[:1] + items[-1:] if not Path(d["sem_seg_file_name"]).is_file()]
     if missing:
         raise DatasetLayoutError(f"VOC segmentation label {missing[0]} not found (listed in {sets})")
@@ -156,7 +159,9 @@ def voc_seg_items(devkit: Path, split: str) -> list[dict]:
 
 def voc_seg_classes(devkit: Path) -> list[str]:
     custom = devkit / "class_names.txt"
-    return custom.read_text().split("\n")[:-1] if custom.is_file() else ["background", *VOC_CLASSES]
+    if not custom.is_file():
+        return ["background", *VOC_CLASSES]
+    return [line.strip() for line in custom.read_text().splitlines() if line.strip()]
 
 
 def cityscapes_dirs(root: Path, split: str) -> tuple[Path, Path]:

@@ -22,6 +22,7 @@ class Recipe:
     summary: str
     smoke_opts: tuple[str, ...] = ()  # extra detectron2 opts for --smoke (KEY VALUE pairs)
     protocol: str = ""  # the protocol's name when it is not detectron2/<name> (evaluate/protocols.py style)
+    reference_gpus: int = 8  # GPUs of the published schedule, the base of --linear-scaling
 
     @property
     def config_path(self) -> Path:
@@ -62,11 +63,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            smoke_opts=_SEG_SMOKE, protocol="seg/moco-fcn"),
     Recipe("voc12-seg-fcn-d8", "seg_voc12_fcn_d8_mmseg.yaml", "sem_seg", "fcn",
            "FCN R50-D8 (MMSegmentation fcn_r50-d8_512x512_20k_voc12aug, as MMSelfSup), VOC 2012 + aug",
-           smoke_opts=_SEG_SMOKE_RESIZED, protocol="seg/mmseg-fcn-d8"),
+           smoke_opts=_SEG_SMOKE_RESIZED, protocol="seg/mmseg-fcn-d8", reference_gpus=4),  # 4 x 4 images
     Recipe("cityscapes-seg-fcn-d8", "seg_cityscapes_fcn_d8_mmseg.yaml", "sem_seg", "fcn",
            "FCN R50-D8 (MMSegmentation fcn_r50-d8_769x769_40k_cityscapes, as MMSelfSup), slide inference",
            smoke_opts=_SEG_SMOKE_RESIZED + ("TEST.SLIDE.CROP", [64, 64], "TEST.SLIDE.STRIDE", [48, 48]),
-           protocol="seg/mmseg-fcn-d8"),
+           protocol="seg/mmseg-fcn-d8", reference_gpus=4),  # 4 x 2 images
 )}
 
 # metrics.json names per task (the contract with results/): VOC AP/AP50/AP75 from the 11-point VOC07

@@ -28,7 +28,6 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 from detectron2.modeling.meta_arch.semantic_seg import SemanticSegmentor
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from fvcore.common.param_scheduler import ParamScheduler
 from PIL import Image
@@ -54,7 +53,7 @@ def add_segmentation_config(cfg: CfgNode) -> None:
                              "PHOTOMETRIC": False})
     cfg.TEST.SLIDE = CfgNode({"CROP": [0, 0], "STRIDE": [0, 0]})
     cfg.SOLVER.POLY_POWER = 0.9
-    cfg.SOLVER.POLY_MIN_LR = 1e-4
+    cfg.SOLVER.POLY_MIN_LR_FACTOR = 0.01  # min lr / base lr (MMSeg: 1e-4 / 0.01); kept under --linear-scaling
 
 
 # --- backbone -----------------------------------------------------------------------------------------
@@ -151,14 +150,23 @@ class FCNSegmentor(SemanticSegmentor):
     MMSeg do, and MMSeg's sliding-window inference when TEST.SLIDE.CROP is set (`slide_inference`)."""
 
     @configurable
-    def __init__(self, *, slide_crop: tuple[int, int] = (0, 0), slide_stride: tuple[int, int] = (0, 0), **kwargs):
+    def __init__(self, *, slide_crop: tuple[int, int] = (0, 0), slide_stride: tuple[int, int] = (0, 0),
+                 train_size: tuple[int, int] = (0, 0), **kwargs):
         super().__init__(**kwargs)
         self.slide_crop, self.slide_stride = tuple(slide_crop), tuple(slide_stride)
+        self.train_size = tuple(train_size)
 
     @classmethod
     def from_config(cls, cfg):
+        crop = tuple(cfg.INPUT.CROP.SIZE) if cfg.INPUT.CROP.ENABLED else (0, 0)
         return {**super().from_config(cfg), "slide_crop": tuple(cfg.TEST.SLIDE.CROP),
-                "slide_stride": tuple(cfg.TEST.SLIDE.STRIDE)}
+                "slide_stride": tuple(cfg.TEST.SLIDE.STRIDE), "train_size": crop}
+
+    def _pad_to_crop(self, tensor: torch.Tensor, value: float) -> torch.Tensor:
+        """Training batches padded (right, bottom) to at least the crop size, as MMSeg's Pad(size=crop_size)
+        and DeepLab do: crops of images smaller than the crop keep the loss's pixel count and BN's input size."""
+        h, w = tensor.shape[-2:]
+        return F.pad(tensor, (0, max(self.train_size[1] - w, 0), 0, max(self.train_size[0] - h, 0)), value=value)
 
     def _logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.sem_seg_head(self.backbone(images))
@@ -169,13 +177,15 @@ class FCNSegmentor(SemanticSegmentor):
         if self.training:
             targets = ImageList.from_tensors([x["sem_seg"].to(self.device) for x in batched_inputs],
                                              self.backbone.size_divisibility, self.sem_seg_head.ignore_value).tensor
-            return self.sem_seg_head.losses(self._logits(images.tensor), targets)
+            targets = self._pad_to_crop(targets, self.sem_seg_head.ignore_value)
+            return self.sem_seg_head.losses(self._logits(self._pad_to_crop(images.tensor, 0.0)), targets)
         results = []
         for i, (inp, size) in enumerate(zip(batched_inputs, images.image_sizes)):
             image = images.tensor[i:i + 1, :, :size[0], :size[1]]
             logits = self._slide(image) if self.slide_crop[0] else self._whole(image)
-            r = sem_seg_postprocess(logits[0], size, inp.get("height", size[0]), inp.get("width", size[1]))
-            results.append({"sem_seg": r})
+            # back to the original size with the head's align_corners (MMSeg's resize in predict)
+            out_size = (inp.get("height", size[0]), inp.get("width", size[1]))
+            results.append({"sem_seg": self.sem_seg_head.upsample(logits, out_size)[0]})
         return results
 
     def _whole(self, image: torch.Tensor) -> torch.Tensor:
@@ -320,7 +330,7 @@ class PolyParamScheduler(ParamScheduler):
 def poly_lr_scheduler(cfg, optimizer):
     """detectron2's LRMultiplier over the poly policy (warmup as SOLVER.WARMUP_*, none in MMSeg's)."""
     from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
-    sched = PolyParamScheduler(cfg.SOLVER.POLY_POWER, cfg.SOLVER.POLY_MIN_LR / cfg.SOLVER.BASE_LR)
+    sched = PolyParamScheduler(cfg.SOLVER.POLY_POWER, cfg.SOLVER.POLY_MIN_LR_FACTOR)
     sched = WarmupParamScheduler(sched, cfg.SOLVER.WARMUP_FACTOR,
                                  min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0), cfg.SOLVER.WARMUP_METHOD)
     return LRMultiplier(optimizer, multiplier=sched, max_iter=cfg.SOLVER.MAX_ITER)

@@ -66,7 +66,6 @@ class RunSpec:
         return str(Path(self.out_dir) / "detectron2")
 
 
-REFERENCE_GPUS = 8  # the MoCo detection recipes' GPU count (batch 16 = 8 GPUs x 2 images, lr 0.02)
 
 
 def transfer_protocol(spec: RunSpec) -> str:
@@ -84,7 +83,8 @@ def build_cfg(spec: RunSpec) -> CfgNode:
     """Recipe YAML, then smoke settings, then runner settings, then the user's opts (last wins)."""
     recipe = get_recipe(spec.recipe)
     cfg = get_cfg()
-    segmentation.add_segmentation_config(cfg)
+    if recipe.task == "sem_seg":
+        segmentation.add_segmentation_config(cfg)
     cfg.merge_from_file(str(recipe.config_path))
     if spec.smoke:
         cfg.merge_from_file(str(SMOKE_CONFIG))
@@ -94,7 +94,7 @@ def build_cfg(spec: RunSpec) -> CfgNode:
         "MODEL.DEVICE", "cuda" if spec.num_gpus > 0 else "cpu",
         "OUTPUT_DIR", spec.detectron2_dir,
         "SEED", spec.trial,  # one deterministic seed per trial (VOC: mean of 5 trials)
-        "SOLVER.REFERENCE_WORLD_SIZE", REFERENCE_GPUS if spec.linear_scaling else 0,
+        "SOLVER.REFERENCE_WORLD_SIZE", recipe.reference_gpus if spec.linear_scaling else 0,
         *spec.model_opts,
     ])
     key = "SEM_SEG_HEAD" if recipe.task == "sem_seg" else "ROI_HEADS"
@@ -255,7 +255,7 @@ def _runner_config(spec: RunSpec, cfg: CfgNode) -> dict:
     return {**{k: v for k, v in asdict(spec).items() if k not in ("start",)},
             "world_size": comm.get_world_size(), "ims_per_batch": solver.IMS_PER_BATCH,
             "base_lr": solver.BASE_LR, "max_iter": solver.MAX_ITER, "steps": list(solver.STEPS),
-            "scaling": (f"linear from the {REFERENCE_GPUS}-GPU reference" if solver.REFERENCE_WORLD_SIZE else
+            "scaling": (f"linear from the {get_recipe(spec.recipe).reference_gpus}-GPU reference" if spec.linear_scaling else
                         "none: the reference batch and lr at any GPU count"),
             "detectron2_config": str(Path(spec.detectron2_dir) / "config.yaml"),
             "detectron2": yaml.safe_load(cfg.dump())}
