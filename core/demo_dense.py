@@ -168,24 +168,36 @@ def _keypoints(det: DetImage, k: int) -> list[float]:
     return out
 
 
-def write_coco_keypoints(root: Path, dets: list[DetImage]) -> dict:
-    counts = {}
-    ann_id = 1
+def _coco_style(dets: list[DetImage], image_fields, annotation_fields) -> dict[str, tuple[list, list]]:
+    """split -> (images, annotations) in COCO's shape (train <- trainval, val <- test; annotation ids run on
+    across splits); `image_fields(det, split)` and `annotation_fields(det, k, obj)` add each format's own."""
+    out, ann_id = {}, 1
     for split, src in (("train", "trainval"), ("val", "test")):
         images, annotations = [], []
         for d in (d for d in dets if d.split == src):
             h, w = d.labels.shape
-            images.append({"id": d.number, "file_name": f"{d.image_id}.jpg", "width": w, "height": h})
+            images.append({"id": d.number, "width": w, "height": h, **image_fields(d, split)})
             for k, o in enumerate(d.objects):
                 x0, y0, x1, y1 = o["bbox"]
-                kps = _keypoints(d, k)
-                annotations.append({"id": ann_id, "image_id": d.number, "category_id": 1, "iscrowd": 0,
-                                    "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "area": o["area"],
-                                    "segmentation": [o["polygon"]], "keypoints": kps,
-                                    "num_keypoints": sum(v > 0 for v in kps[2::3])})
+                annotations.append({"id": ann_id, "image_id": d.number, "bbox": [x0, y0, round(x1 - x0, 2),
+                                    round(y1 - y0, 2)], "area": o["area"], "segmentation": [o["polygon"]],
+                                    **annotation_fields(d, k, o)})
                 ann_id += 1
-        cat = {"id": 1, "name": "shape", "supercategory": "shape", "keypoints": list(KEYPOINT_NAMES),
-               "skeleton": [[1, 3], [3, 2], [2, 4], [4, 1]], "oks_sigmas": [KEYPOINT_SIGMA] * len(KEYPOINT_NAMES)}
+        out[split] = (images, annotations)
+    return out
+
+
+def _keypoint_fields(d: DetImage, k: int, o: dict) -> dict:
+    kps = _keypoints(d, k)
+    return {"category_id": 1, "iscrowd": 0, "keypoints": kps, "num_keypoints": sum(v > 0 for v in kps[2::3])}
+
+
+def write_coco_keypoints(root: Path, dets: list[DetImage]) -> dict:
+    cat = {"id": 1, "name": "shape", "supercategory": "shape", "keypoints": list(KEYPOINT_NAMES),
+           "skeleton": [[1, 3], [3, 2], [2, 4], [4, 1]], "oks_sigmas": [KEYPOINT_SIGMA] * len(KEYPOINT_NAMES)}
+    counts = {}
+    splits = _coco_style(dets, lambda d, split: {"file_name": f"{d.image_id}.jpg"}, _keypoint_fields)
+    for split, (images, annotations) in splits.items():
         data = {"info": {"description": "mocobench synthetic shapes, keypoints"}, "licenses": [], "images": images,
                 "annotations": annotations, "categories": [cat]}
         (root / "coco" / "annotations" / f"person_keypoints_{split}.json").write_text(json.dumps(data))
@@ -200,25 +212,18 @@ def write_lvis(root: Path, dets: list[DetImage], class_names: tuple[str, ...]) -
         if d.split == "trainval":
             for o in d.objects:
                 train_images[o["category"]].add(d.number)
+
     def frequency(n: int) -> str:
         return next((tag for limit, tag in LVIS_FREQUENCY if n <= limit), "f")
     cats = [{"id": c + 1, "name": name, "synonyms": [name], "def": f"a {name} shape", "synset": f"{name}.n.01",
              "frequency": frequency(len(train_images[c])), "image_count": len(train_images[c])}
             for c, name in enumerate(class_names)]
     counts = {}
-    ann_id = 1
-    for split, src in (("train", "trainval"), ("val", "test")):
-        images, annotations = [], []
-        for d in (d for d in dets if d.split == src):
-            h, w = d.labels.shape
-            images.append({"id": d.number, "width": w, "height": h, "not_exhaustive_category_ids": [],
-                           "neg_category_ids": [], "coco_url": f"http://images.cocodataset.org/{split}/{d.image_id}.jpg"})
-            for o in d.objects:
-                x0, y0, x1, y1 = o["bbox"]
-                annotations.append({"id": ann_id, "image_id": d.number, "category_id": o["category"] + 1,
-                                    "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "area": o["area"],
-                                    "segmentation": [o["polygon"]]})
-                ann_id += 1
+    splits = _coco_style(dets, lambda d, split: {
+        "not_exhaustive_category_ids": [], "neg_category_ids": [],
+        "coco_url": f"http://images.cocodataset.org/{split}/{d.image_id}.jpg"},
+        lambda d, k, o: {"category_id": o["category"] + 1})
+    for split, (images, annotations) in splits.items():
         data = {"info": {"description": "mocobench synthetic shapes, LVIS v0.5 format"}, "licenses": [],
                 "images": images, "annotations": annotations, "categories": cats}
         (root / "lvis" / f"lvis_v0.5_{split}.json").write_text(json.dumps(data))
