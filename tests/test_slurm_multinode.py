@@ -81,7 +81,9 @@ def submitted(tmp_path_factory, smoke_root):
              "resources": TWO_NODES}
     specs = {  # submission order = scheduling priority: the jobs signalled mid-run go first
         "requeue": _spec(base / "requeue", data, TWO_NODES),
-        "dies": _spec(base / "dies", data, TWO_NODES, epochs=500, keep=2),
+        # far more epochs than the tests take to reach it (500 of them ran in 2.3 min on a fast host): it runs
+        # until the test kills a rank, or until its 10-min limit / the teardown's scancel
+        "dies": _spec(base / "dies", data, TWO_NODES, epochs=20000, keep=2),
         "mn": _spec(base / "mn", data, TWO_NODES, {"linear": linear, "semisup": semisup,
                                                          "voc07-c4-smoke": smoke}),
     }
@@ -135,6 +137,7 @@ def test_a_killed_rank_fails_the_two_node_job_at_once_with_the_cause_in_status(s
         assert time.monotonic() < deadline, f"no checkpoint in {stage_dir} after 240 s"
         time.sleep(0.2)
     job_id = json.loads((stage_dir / "stage.json").read_text())["jobs"][-1]["job_id"]
+    assert not (stage_dir / "metrics.json").exists(), "the job finished before a rank could be killed"
     pids = st.task_pids(job_id, rank=1)
     assert pids, f"no process of task 1 of job {job_id} found"
     for pid in pids:
