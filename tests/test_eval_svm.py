@@ -222,6 +222,25 @@ def test_mixed_precision_matches_float64():
     assert abs(a.mAP - b.mAP) < 1e-3 and np.nanmax(np.abs(a.cv_ap - b.cv_ap)) < 1e-3
 
 
+
+def test_mixed_precision_meets_the_float64_stopping_rule():
+    """The default precision takes its CG directions in float32; the solution must still satisfy the
+    float64 rule |2-norm of the gradient| <= tol |gradient at 0|, the gradient of
+    1/2|w|^2 + sum c (1 - y z.w)_+^2 evaluated by hand in float64 (here with CG steps actually taken)."""
+    from mocobench.evaluate.svm_newton import newton_solve
+    x, y = blobs(300, 48, 4, seed=7)
+    Z = torch.as_tensor(np.hstack([l2_normalize(x), np.ones((300, 1))]), dtype=torch.float64)
+    labels = torch.as_tensor(np.where(svm.train_targets(y) > 0, 1.0, -1.0))
+    cost = torch.full_like(labels, 0.5)
+    W, info, _, _ = newton_solve(Z, labels, cost, tol=1e-6, cg_dtype=torch.float32)
+    assert info.cg_iters > 0 and info.converged == info.problems
+    for p in range(len(labels)):
+        w, yl, c = W[p].numpy(), labels[p].numpy(), cost[p].numpy()
+        z = Z.numpy()
+        grad = w - 2 * z.T @ (c * yl * np.maximum(0.0, 1 - yl * (z @ w)))
+        grad0 = 2 * z.T @ (c * yl)
+        assert np.linalg.norm(grad) <= 1e-6 * np.linalg.norm(grad0)
+
 # --- low-shot -------------------------------------------------------------------------------------------
 def test_lowshot_draws_k_positives_and_c_minus_1_k_negatives_seeded():
     _, y = blobs(400, 4, 4, seed=6)
