@@ -131,6 +131,27 @@ def test_folds_are_sklearn_stratified_without_shuffle():
     assert all((y[h] == 1).sum() in (1, 2) for h in held)  # positives spread over the folds
 
 
+def test_folds_equal_sklearn_on_random_label_vectors():
+    """The native split is sklearn's StratifiedKFold (no shuffle) on +-1 vectors of any balance and order,
+    including classes rarer than the number of folds and a vector that starts with a positive."""
+    import warnings as w
+    from sklearn.model_selection import StratifiedKFold
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(6, 80))
+        y = np.where(rng.random(n) < rng.uniform(0.02, 0.6), 1, -1)
+        for folds in (2, 3, 5):
+            with w.catch_warnings():
+                w.simplefilter("ignore")
+                try:
+                    ref = [t.tolist() for _, t in StratifiedKFold(folds).split(np.zeros(n), y)]
+                except ValueError:
+                    with pytest.raises(ValueError, match="cannot be greater"):
+                        svm.stratified_folds(y, folds)
+                    continue
+            assert [h.tolist() for h in svm.stratified_folds(y, folds)] == ref, (trial, folds, y.tolist())
+
+
 def _noisy_labels(rng):
     """50-d, one informative (scaled) dimension, 10% of labels flipped: large C fits the flips."""
     n, d = 90, 50
