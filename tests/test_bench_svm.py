@@ -36,6 +36,9 @@ def test_bench_runs_both_solvers_and_they_agree(capsys, tmp_path):
     assert res["speedup"] == pytest.approx(res["sklearn_seconds"] / res["torch_seconds"])  # sklearn is the reference
     assert res["abs_delta_mAP"] < 0.1 and res["abs_delta_mAP"] == pytest.approx(abs(res["torch_mAP"] - res["sklearn_mAP"]))
     assert res["torch_peak_rss_mib"] > 50 and res["sklearn_peak_rss_mib"] > 50
+    for name in ("torch", "sklearn"):  # end to end: process start and imports, the features file, the protocol
+        parts = res[f"{name}_start_seconds"] + res[f"{name}_load_seconds"] + res[f"{name}_protocol_seconds"]["total"]
+        assert res[f"{name}_start_seconds"] > 0 and res[f"{name}_seconds"] >= parts
     assert any(line.startswith("  speedup") for line in out)
     # a features file instead of synthetic data, torch alone
     d = bench.synthetic_voc(80, 60, 16, classes=3)
