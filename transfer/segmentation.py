@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
+from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
@@ -294,7 +295,6 @@ class SegmentationMapper:
             T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")])
 
     def __call__(self, dataset_dict: dict) -> dict:
-        from detectron2.data import detection_utils as utils
         d = dict(dataset_dict)
         image = utils.read_image(d["file_name"], format=self.image_format)
         utils.check_image_size(d, image)
