@@ -1,6 +1,6 @@
 """`mocobench bench svm`: an SVM protocol solved by sklearn's LinearSVC, the reference VISSL / MMSelfSup use,
-against the batched torch solver (evaluate/svm_solver.py), on the same features: wall time of the whole
-protocol, the speedup, |delta mAP| and the largest |delta AP|, and each run's peak RSS.
+against the batched torch solver (evaluate/svm_solver.py), on the same features: wall time of each run end to
+end, the speedup, |delta mAP| and the largest |delta AP|, and each run's peak RSS.
 
 `--protocol voc07` (default, evaluate/svm.py): normalisation, 3-fold CV over every class x cost, final fits,
 test AP. `--protocol lowshot` (evaluate/lowshot.py): 5 samples x every k x every class x cost, test mAP, the
