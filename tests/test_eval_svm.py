@@ -134,15 +134,14 @@ def test_folds_are_sklearn_stratified_without_shuffle():
 def test_folds_equal_sklearn_on_random_label_vectors():
     """The native split is sklearn's StratifiedKFold (no shuffle) on +-1 vectors of any balance and order,
     including classes rarer than the number of folds and a vector that starts with a positive."""
-    import warnings as w
     from sklearn.model_selection import StratifiedKFold
     rng = np.random.default_rng(0)
     for trial in range(200):
         n = int(rng.integers(6, 80))
         y = np.where(rng.random(n) < rng.uniform(0.02, 0.6), 1, -1)
         for folds in (2, 3, 5):
-            with w.catch_warnings():
-                w.simplefilter("ignore")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 try:
                     ref = [t.tolist() for _, t in StratifiedKFold(folds).split(np.zeros(n), y)]
                 except ValueError:
@@ -243,7 +242,6 @@ def test_mixed_precision_matches_float64():
     assert abs(a.mAP - b.mAP) < 1e-3 and np.nanmax(np.abs(a.cv_ap - b.cv_ap)) < 1e-3
 
 
-
 def test_mixed_precision_meets_the_float64_stopping_rule():
     """The default precision takes its CG directions in float32; the solution must still satisfy the
     float64 rule |2-norm of the gradient| <= tol |gradient at 0|, the gradient of
@@ -255,12 +253,13 @@ def test_mixed_precision_meets_the_float64_stopping_rule():
     cost = torch.full_like(labels, 0.5)
     W, info, _, _ = newton_solve(Z, labels, cost, tol=1e-6, cg_dtype=torch.float32)
     assert info.cg_iters > 0 and info.converged == info.problems
+    z = Z.numpy()
     for p in range(len(labels)):
         w, yl, c = W[p].numpy(), labels[p].numpy(), cost[p].numpy()
-        z = Z.numpy()
         grad = w - 2 * z.T @ (c * yl * np.maximum(0.0, 1 - yl * (z @ w)))
         grad0 = 2 * z.T @ (c * yl)
         assert np.linalg.norm(grad) <= 1e-6 * np.linalg.norm(grad0)
+
 
 # --- low-shot -------------------------------------------------------------------------------------------
 def test_lowshot_draws_k_positives_and_c_minus_1_k_negatives_seeded():
