@@ -4,7 +4,6 @@ from __future__ import annotations
 from torch import nn
 
 from mocobench.checkpoints.canonical import LoadedCheckpoint
-from mocobench.core.backbones import build_backbone
 from mocobench.core.errors import CheckpointError
 
 
@@ -25,6 +24,7 @@ def parse_random_spec(spec: str) -> tuple[str, int] | None:
 
 def random_model(arch: str, width: int = 64, num_classes: int = 1000) -> tuple[nn.Module, LoadedCheckpoint]:
     """A randomly initialised backbone (torch's global RNG; seed it first), described like a checkpoint."""
+    from mocobench.core.backbones import build_backbone  # torchvision: only when a network is built
     try:
         model = build_backbone(arch, num_classes, width)
     except ValueError as e:

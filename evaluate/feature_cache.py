@@ -23,8 +23,6 @@ from mocobench.checkpoints.random_init import parse_random_spec
 from mocobench.core.config import option
 from mocobench.core.errors import ConfigError, DataError
 from mocobench.core.records import file_md5, now_iso
-from mocobench.core.transforms import IMAGE_TRANSFORMS, eval_transform, transform_id
-from mocobench.evaluate import datasets
 from mocobench.evaluate.feature_file import write_npz
 from mocobench.evaluate.layers import FEATURE_LAYERS, check_layer, extract, load_frozen_backbone
 from mocobench.evaluate.report import check_checkpoint, peak_rss_mb
@@ -130,6 +128,7 @@ def splits_of(kind: str, train_split: str = "", test_split: str = "") -> tuple[s
 
 
 def build_datasets(data: str, kind: str, train_split: str, test_split: str, transform):
+    from mocobench.evaluate import datasets  # torchvision: only when images are read
     splits_of(kind)
     root = datasets.dataset_root(data, kind)
     reader = datasets.image_folder if kind == "imagefolder" else datasets.voc2007
@@ -148,6 +147,7 @@ def resolve_features(cfg: FeatureSourceConfig) -> Path:
         return Path(cfg.features)
     if not cfg.checkpoint:
         raise ConfigError("give --checkpoint (to extract features) or --features FILE.npz")
+    from mocobench.core.transforms import IMAGE_TRANSFORMS, eval_transform, transform_id  # torchvision, as above
     check_checkpoint(cfg.checkpoint)
     train_split, test_split = splits_of(cfg.dataset, cfg.train_split, cfg.test_split)
     if cfg.image_transform not in IMAGE_TRANSFORMS:

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mocobench.checkpoints.models import model_from_checkpoint
 from mocobench.core.distributed import amp_dtype
 from mocobench.core.errors import ConfigError, DataError
 
@@ -176,6 +175,7 @@ def extract(model: nn.Module, dataset, layer: str, batch_size: int = 256, worker
 
 def load_frozen_backbone(checkpoint: str | Path, seed: int = 0, device: torch.device | None = None) -> nn.Module:
     """The checkpoint's backbone as a torchvision ResNet in eval() mode, every parameter frozen."""
+    from mocobench.checkpoints.models import model_from_checkpoint  # torchvision: only when a network is built
     torch.manual_seed(seed)  # only matters for random:ARCH specs
     model, _ = model_from_checkpoint(checkpoint)
     model.requires_grad_(False)

@@ -1,6 +1,8 @@
 """VOC07 SVM and low-shot SVM: AP by hand, the difficult-image rules, CV cost choice, low-shot sampling, the
 batched torch solver against sklearn's LinearSVC (the reference), and both evaluators end to end on the
 embedded demo data from a short MoCo pretrain checkpoint and from a random init."""
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -129,6 +131,15 @@ def test_folds_are_sklearn_stratified_without_shuffle():
     assert [h.tolist() for h in held] == [r.tolist() for r in ref]
     assert sorted(np.concatenate(held).tolist()) == list(range(12))
     assert all((y[h] == 1).sum() in (1, 2) for h in held)  # positives spread over the folds
+
+
+def test_protocols_on_a_features_file_import_neither_torchvision_nor_sklearn():
+    """`eval svm|lowshot --features` only reads a file: its start (part of the end-to-end time of
+    `bench svm`) loads no torchvision (~2 s with the torch._dynamo it pulls in) and no sklearn."""
+    code = ("import sys; import mocobench.evaluate.svm, mocobench.evaluate.lowshot, mocobench.evaluate.svm_process; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'sklearn'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_folds_equal_sklearn_on_random_label_vectors():
