@@ -32,8 +32,9 @@ from mocobench.evaluate.svm_reference import SKLEARN_MAX_ITER, SklearnSVM
 # precision name -> (dtype of the Newton iterates and gradients, dtype of the inner CG solves or None = same).
 # "mixed" is the default: a CG direction only has to be a descent direction, which float32 gives, while the
 # gradient, line search and stopping rule stay float64, so the solution meets the same tol (2-core AMD EPYC,
-# 2048-d VOC07 protocol: 37.8 s -> 31.1 s, same mAP). An all-float32 mode is not offered: its gradients and
-# line searches cannot reach tol=1e-6.
+# 2048-d VOC07 protocol: 37.8 s -> 31.1 s, same mAP). Its decision values (which only rank images for AP)
+# are float32 products too. An all-float32 mode is not offered: its gradients and line searches cannot
+# reach tol=1e-6.
 PRECISIONS = {"float64": (torch.float64, None), "mixed": (torch.float64, torch.float32)}
 
 
@@ -67,9 +68,13 @@ class TorchSVM:
         self.n_train = len(train)
         aug = self._augment(train)
         self.basis = Basis(aug)
-        self.matrices = {"train": self.basis.Z}  # the training rows in the basis, the others in feature space
-        for name, feats in (evals or {}).items():
-            self.matrices[name] = self._augment(feats)
+        # scores only rank images (AP): under "mixed" they are float32 products, the solve stays as it is
+        self.score_dtype = self.cg_dtype or self.dtype
+        self.matrices = {"train": self.basis.Z.to(self.score_dtype)}  # the training rows in the basis,
+        for name, feats in (evals or {}).items():                       # the others in feature space
+            self.matrices[name] = self._augment(feats).to(self.score_dtype)
+        self.V_score = self.basis.V.to(self.score_dtype)  # only scoring maps solutions back to features
+        self.basis.V = None
         del aug
         # Gram matrix of the training rows, for exact Newton steps on small active sets (N x N floats)
         self.gram = None
@@ -165,12 +170,12 @@ class TorchSVM:
         the training rows, X (W V^T)^T on a matrix X in feature space. Mapping a batch's solutions back
         costs P x r x (D+1) flops where projecting X once cost M x r x (D+1) (at VOC07's 8192-d, 4,952 test
         images against a batch of 20 final fits)."""
-        W_feat = None
+        W, W_feat = W.to(self.score_dtype), None
         for e in evals:
             if e == "train":
-                scores = self.basis.Z @ W.T
+                scores = self.matrices["train"] @ W.T
             else:
-                W_feat = W @ self.basis.V.T if W_feat is None else W_feat
+                W_feat = W @ self.V_score.T if W_feat is None else W_feat
                 scores = self.matrices[e] @ W_feat.T
             out[e][ids] = scores.T.cpu().numpy()
 
