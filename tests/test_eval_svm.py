@@ -448,6 +448,13 @@ def test_gram_matrix_from_its_lower_blocks_is_the_full_product(n, blocks):
     assert torch.allclose(gram_matrix(F, blocks), F @ F.T, rtol=1e-13, atol=1e-13)
 
 
+def test_gram_matrix_of_a_transposed_view_is_the_feature_covariance():
+    """`Basis` takes F^T F as the Gram matrix of the view F.T (default blocks; 12 rows in 8 blocks)."""
+    from mocobench.evaluate.svm_basis import gram_matrix
+    F = torch.randn(20, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(gram_matrix(F.T), F.T @ F, rtol=1e-13, atol=1e-13)
+
+
 def test_in_place_cholesky_solves_like_torch_and_rejects_indefinite_matrices():
     """`cholesky_lower` (LAPACK in place, the other triangle left as it was) gives the same triangular solves
     as torch.linalg.cholesky, and a matrix that is not positive definite is an error, not a silent result."""
