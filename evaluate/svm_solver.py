@@ -73,8 +73,7 @@ class TorchSVM:
         self.matrices = {"train": self.basis.Z.to(self.score_dtype)}  # the training rows in the basis,
         for name, feats in (evals or {}).items():                       # the others in feature space
             self.matrices[name] = self._augment(feats).to(self.score_dtype)
-        self.V_score = self.basis.V.to(self.score_dtype)  # only scoring maps solutions back to features
-        self.basis.V = None
+        self.basis.V = self.basis.V.to(self.score_dtype)  # V only maps solutions back to features to score
         del aug
         # Gram matrix of the training rows, for exact Newton steps on small active sets (N x N floats)
         self.gram = None
@@ -175,7 +174,7 @@ class TorchSVM:
             if e == "train":
                 scores = self.matrices["train"] @ W.T
             else:
-                W_feat = W @ self.V_score.T if W_feat is None else W_feat
+                W_feat = W @ self.basis.V.T if W_feat is None else W_feat
                 scores = self.matrices[e] @ W_feat.T
             out[e][ids] = scores.T.cpu().numpy()
 
