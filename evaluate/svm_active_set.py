@@ -125,7 +125,7 @@ def _updated_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, F: Acti
 
 
 def direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, W: torch.Tensor,
-                       factors: list | None = None, max_bytes: int = 1 << 27, update_ratio: float = 2.0):
+                       factors: list | None = None, max_bytes: int = 1 << 27, update_ratio: float = 1.0):
     """Exact Newton directions through the dual of the active set S (rows with a positive a = cost x violated).
 
     On a fixed S the objective is quadratic with minimiser w+ = Z_S^T g, (K_SS + diag(1/2a_S)) g = y_S
@@ -139,7 +139,10 @@ def direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: t
     earlier Newton step of the same costs. A chunk whose active sets all moved little from those rows is
     solved by updating the factors (`_updated_duals`: triangular solves with |Add| + 2|Drop| + 2 columns,
     used while that is at most `update_ratio` x the |S|/3 columns' worth of a new Cholesky), the others
-    are refactorised. Returns the directions and each problem's factor reference for the next step.
+    are refactorised. Timed both ways on the same chunks (2-core AVX2 AMD EPYC, one thread, 2048-d VOC07
+    CV and low-shot k = 96), an update cost as much as the refactorisation (gather included) at a ratio of
+    0.8-1.1, 0.4x of it at 0.3 and 1.4-2x at 1.5-2: hence 1.
+    Returns the directions and each problem's factor reference for the next step.
     """
     pad = len(Kpad) - 1
     act = A > 0
