@@ -249,6 +249,28 @@ def test_bench_pretrain_reports_ratio_flops_and_peaks(capsys):
     assert "meets_target" in res and res["target_ratio"] == 2.5
 
 
+def test_bench_pretrain_defaults_skip_bf16_where_it_is_emulated(capsys, monkeypatch):
+    """Without fast bf16 the unset --variants are official,default and no bf16 peak is timed; with it,
+    official,fast."""
+    from mocobench.bench import pretrain as bp
+    from mocobench.bench.cli import main
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(bp, "cpu_bf16_is_fast", lambda: True)
+    assert bp.default_variants(cpu) == ["official", "fast"]
+    monkeypatch.setattr(bp, "cpu_bf16_is_fast", lambda: False)
+    assert bp.default_variants(cpu) == ["official", "default"]
+    timed = []
+    real_peak = bp.matmul_peak
+    monkeypatch.setattr(bp, "matmul_peak", lambda dtype, *a: timed.append(dtype) or real_peak(dtype, *a))
+    assert main(["pretrain", "--arch", "resnet18_small", "--batch-size", "4", "--size", "16", "--rounds", "1",
+                 "--steps", "1", "--warmup", "0", "--peak-sizes", "128", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    res = last_json(out)
+    assert sorted(res["variants"]) == ["default", "official"] and "bf16 not measured" in out
+    assert res["bf16_matmul_peak_tflop_s"] is None and timed == [torch.float32]
+    assert all(v["fraction_of_bf16_peak"] is None and v["fraction_of_fp32_peak"] > 0 for v in res["variants"].values())
+
+
 def test_step_flops_match_resnet50_published_count():
     """One MoCo step = query forward + backward (~2x forward) + key forward: ~4x the 4.09 GMAC forward
     (torchvision's published ResNet-50 cost), the backward of the first conv's input excepted."""
