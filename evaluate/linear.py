@@ -35,7 +35,6 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
-from torchvision import transforms
 from tqdm import tqdm
 
 from mocobench.checkpoints.safe_load import safe_load
@@ -45,8 +44,6 @@ from mocobench.core.config import option, to_dict
 from mocobench.core.errors import ConfigError, FeatureFileError
 from mocobench.core.records import now_iso
 from mocobench.core.run_folder import Claim
-from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from mocobench.evaluate import datasets
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
 from mocobench.evaluate.layers import LayerFeatures, check_layer, is_vit_model, load_frozen_backbone
@@ -134,6 +131,9 @@ class Lighting:
 
 
 def train_transform(cfg: LinearConfig):
+    from torchvision import transforms  # here, not at import: `--mode fast` on a features file reads no images
+
+    from mocobench.core.transforms import IMAGENET_MEAN, IMAGENET_STD
     ops = [transforms.RandomResizedCrop(cfg.image_size), transforms.RandomHorizontalFlip()]
     if cfg.jitter:
         ops.append(transforms.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, 0.0))
@@ -266,6 +266,8 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _loaders(cfg: LinearConfig, device: torch.device):
+    from mocobench.core.transforms import eval_transform
+    from mocobench.evaluate import datasets
     root = datasets.dataset_root(cfg.data, "imagefolder")
     train_ds = datasets.image_folder(root, cfg.train_split or "train", train_transform(cfg))
     val_ds = datasets.image_folder(root, cfg.test_split or "val", eval_transform(cfg.resize, cfg.crop))

@@ -134,9 +134,10 @@ def test_folds_are_sklearn_stratified_without_shuffle():
 
 
 def test_protocols_on_a_features_file_import_neither_torchvision_nor_sklearn():
-    """`eval svm|lowshot --features` only reads a file: its start (part of the end-to-end time of
+    """`eval svm|lowshot|knn|linear --features` only reads a file: its start (part of the end-to-end time of
     `bench svm`) loads no torchvision (~2 s with the torch._dynamo it pulls in) and no sklearn."""
-    code = ("import sys; import mocobench.evaluate.svm, mocobench.evaluate.lowshot, mocobench.evaluate.svm_process; "
+    code = ("import sys; import mocobench.evaluate.svm, mocobench.evaluate.lowshot, mocobench.evaluate.svm_process, "
+            "mocobench.evaluate.knn, mocobench.evaluate.linear; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'sklearn'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
