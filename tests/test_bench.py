@@ -259,6 +259,8 @@ def test_bench_pretrain_defaults_skip_bf16_where_it_is_emulated(capsys, monkeypa
     assert bp.default_variants(cpu) == ["official", "fast"]
     monkeypatch.setattr(bp, "cpu_bf16_is_fast", lambda: False)
     assert bp.default_variants(cpu) == ["official", "default"]
+    from mocobench.pretrain import train  # "default" resolves through training's own check: fp32 here too
+    monkeypatch.setattr(train, "cpu_bf16_is_fast", lambda: False)
     timed = []
     real_peak = bp.matmul_peak
     monkeypatch.setattr(bp, "matmul_peak", lambda dtype, *a: timed.append(dtype) or real_peak(dtype, *a))
