@@ -32,9 +32,16 @@ from mocobench.pretrain.train import (CONFIG_DIR, PretrainConfig, build_moco, cp
 
 TARGET_RATIO = 2.5
 TARGET_PEAK_FRACTION = 0.75
+
+
+def bench_device(name: str | None = None) -> torch.device:
+    """The device `--device` names, else CUDA when available, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 # What `mocobench pretrain` uses by default on this machine at 224 px (the "default" variant resolves it for the
 # benchmark's image size: the fast path only where bf16 is fast here, channels_last from 128 px on CPUs).
-_DEFAULTS = resolve_fast_path(PretrainConfig(), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+_DEFAULTS = resolve_fast_path(PretrainConfig(), bench_device())
 # name -> (amp, channels_last, torch.compile of the encoders); "fast" is the project's fast path (bf16 +
 # channels_last), "default" what training resolves to here (see mocobench.pretrain.train.cpu_bf16_is_fast).
 # The *-compile variants are candidates (mocobench.pretrain.train has no compile option): compiling takes minutes.
@@ -135,7 +142,7 @@ def default_variants(dev: torch.device) -> list[str]:
 
 def run(variants: list[str], arch: str = "resnet50", batch_size: int = 32, size: int = 224, rounds: int = 5,
         steps: int = 2, warmup: int = 2, device: str | None = None, peak_sizes=(1024, 2048)) -> dict:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = bench_device(device)
     cfg = moco_v2_config(arch, batch_size, size)
     default = resolve_fast_path(dataclasses.replace(cfg, amp=None, channels_last=None), dev)
     table = {**VARIANTS, "default": (default.amp, default.channels_last, False)}
@@ -207,9 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--peak-sizes", default="1024,2048", help="square matmul sizes for the peak (best is kept)")
     args = parser.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     variants = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants is not None
-                else default_variants(dev))
+                else default_variants(bench_device(args.device)))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
