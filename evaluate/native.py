@@ -23,19 +23,23 @@ def _mkl_potrf():
     return fn
 
 
-def cholesky_lower(M: torch.Tensor) -> torch.Tensor:
+def cholesky_lower(M: torch.Tensor, from_lower: bool = False) -> torch.Tensor:
     """Lower Cholesky factors of a batch of SPD matrices (b, s, s), for `torch.linalg.solve_triangular`.
 
     On the CPU in float64 the factorisation runs in place in M (which it overwrites) through LAPACK's dpotrf,
-    and the factor is returned as a transposed view whose other triangle still holds M: triangular solves
-    never read it. That skips torch's copy of M and its zeroing of the upper triangle, which together cost
-    more than the factorisation itself. Elsewhere (or without MKL's dpotrf): torch.linalg.cholesky.
+    reading one triangle of M and writing the factor over it, the other triangle left as it was: triangular
+    solves never read it. That skips torch's copy of M and its zeroing of the other triangle, which together
+    cost more than the factorisation itself. By default the upper triangle is read and the factor is returned
+    as a transposed view (M's strictly lower triangle still holds M); with `from_lower` only the lower triangle
+    is read (the upper may hold anything) and M itself is returned, its lower triangle the factor. Elsewhere
+    (or without MKL's dpotrf): torch.linalg.cholesky, which reads the lower triangle and leaves M as it was.
     """
     potrf = _mkl_potrf() if M.device.type == "cpu" and M.dtype == torch.float64 and M.is_contiguous() else None
     if potrf is None:
         return torch.linalg.cholesky(M)
     b, s, _ = M.shape
-    uplo, n, info = ctypes.c_char(b"L"), ctypes.c_int(s), ctypes.c_int(0)
+    # LAPACK sees the row-major M as its transpose: its "L" is M's upper triangle, its "U" M's lower
+    uplo, n, info = ctypes.c_char(b"U" if from_lower else b"L"), ctypes.c_int(s), ctypes.c_int(0)
     base, stride = M.data_ptr(), M.stride(0) * M.element_size()
     for i in range(b):  # column-major view of a symmetric row-major matrix: the same matrix
         potrf(ctypes.byref(uplo), ctypes.byref(n), ctypes.c_void_p(base + i * stride), ctypes.byref(n),
@@ -43,7 +47,7 @@ def cholesky_lower(M: torch.Tensor) -> torch.Tensor:
         if info.value:
             raise torch.linalg.LinAlgError(f"cholesky: matrix {i} of the batch is not positive definite "
                                            f"(leading minor of order {info.value})")
-    return M.mT
+    return M if from_lower else M.mT
 
 
 def keep_freed_memory() -> bool:

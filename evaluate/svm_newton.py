@@ -104,8 +104,8 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
                  max_newton: int = 100, max_cg: int = 500, W0: torch.Tensor | None = None,
                  cg_dtype: torch.dtype | None = None, K: torch.Tensor | None = None,
                  direct0: torch.Tensor | None = None, Z2: torch.Tensor | None = None,
-                 O0: torch.Tensor | None = None, g0: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, SolveInfo, torch.Tensor, torch.Tensor]:
+                 O0: torch.Tensor | None = None, g0: torch.Tensor | None = None, factors0: list | None = None
+                 ) -> tuple[torch.Tensor, SolveInfo, torch.Tensor, torch.Tensor, list]:
     """Minimise 1/2|w_p|^2 + sum_i cost[p,i] max(0, 1 - labels[p,i] Z_i.w_p)^2 for every problem p.
 
     Z: (N, r) shared design; labels (P, N) +-1; cost (P, N) >= 0 (0 = row not in problem p's training
@@ -117,7 +117,9 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     line search follows.
     A problem is done once |grad| <= tol * |grad at w=0|; done problems leave the batch. `direct0` marks
     problems that start with exact solves (warm starts whose predecessor ended with them); the same mask at
-    the end is returned third, the training scores Z w at the solutions fourth. Quantities the caller has
+    the end is returned third, the training scores Z w at the solutions fourth, and each problem's last
+    active-set factorisation (or None) fifth: passed back as `factors0` for the next cost of the same problem,
+    it is rebuilt for the new costs rather than gathered again (`direct_directions`). Quantities the caller has
     may be passed in rather than recomputed (a matrix product each): `Z2` = Z * Z (for the Jacobi
     preconditioner), `O0` = W0 Z^T, `g0` = |gradient at w = 0| per problem.
     """
@@ -135,7 +137,9 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     Y, C, CY, G0 = labels, cost, cy_all, g0
     direct = torch.zeros(P, dtype=torch.bool, device=Z.device) if direct0 is None or K is None else direct0.clone()
     direct_out = direct.clone()  # switched to exact solves
-    factors: list = [None] * P  # each problem's last active-set factorisation (exact steps)
+    factors: list = list(factors0) if factors0 is not None else [None] * P  # each problem's last active-set
+    factors_out: list = [None] * P  # factorisation (exact steps); those of factors0 belong to other costs
+    epoch = object()  # this call's costs
     newton = cg_total = 0
     converged = torch.zeros(P, dtype=torch.bool, device=Z.device)
     for newton in range(1, max_newton + 1):
@@ -148,6 +152,8 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
             W_out[idx[done]], O_out[idx[done]] = W[done], O[done]
             converged[idx[done]] = True
             direct_out[idx[done]] = direct[done]
+            for p, f in zip(idx[done].tolist(), (f for f, d in zip(factors, done.tolist()) if d)):
+                factors_out[p] = f
             keep = ~done
             idx, W, O, Y, C, CY, G0, G, gn, xi, direct = (
                 a[keep] for a in (idx, W, O, Y, C, CY, G0, G, gn, xi, direct))
@@ -158,7 +164,8 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
         D = torch.empty_like(W)
         if bool(direct.any()):
             rows = direct.nonzero()[:, 0].tolist()
-            D[direct], fs = direct_directions(Z, K, Y[direct], A[direct], W[direct], [factors[p] for p in rows])
+            D[direct], fs = direct_directions(Z, K, Y[direct], A[direct], W[direct], [factors[p] for p in rows],
+                                              epoch=epoch)
             for p, f in zip(rows, fs):
                 factors[p] = f
         if not bool(direct.all()):
@@ -184,4 +191,6 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     if idx.numel():
         W_out[idx], O_out[idx] = W, O
         direct_out[idx] = direct
-    return W_out, SolveInfo(newton, cg_total, int(converged.sum()), P), direct_out, O_out
+        for p, f in zip(idx.tolist(), factors):
+            factors_out[p] = f
+    return W_out, SolveInfo(newton, cg_total, int(converged.sum()), P), direct_out, O_out, factors_out

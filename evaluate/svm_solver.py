@@ -115,8 +115,9 @@ class TorchSVM:
         y_all = np.where(labels[:, rows] > 0, 1.0, -1.0)
         c_all = problem_costs(labels[:, rows], train_mask[:, rows], costs)
         # what later stages start from: solutions (in this call's basis), whether they ended with exact steps,
-        # their training scores; and per problem |gradient at 0| / cost (a chain's rows and labels are fixed)
-        warm: dict[int, tuple[torch.Tensor, bool, torch.Tensor]] = {}
+        # their training scores, their last active-set factorisations; and per problem |gradient at 0| / cost
+        # (a chain's rows and labels are fixed)
+        warm: dict[int, tuple] = {}
         g0_per_cost: dict[int, float] = {}
         for stage in _cost_chains(y_all, train_mask[:, rows], costs):
             for start in range(0, len(stage), self.batch_size):
@@ -130,16 +131,17 @@ class TorchSVM:
                     g0_per_cost.update({ids[i]: float(v) / costs[ids[i]] for i, v in zip(roots, g.tolist())})
                 g0_per_cost.update({p: g0_per_cost[prev] for p, prev in batch if prev is not None})
                 g0 = torch.tensor([g0_per_cost[p] * costs[p] for p in ids], dtype=self.dtype, device=self.device)
-                W0 = direct0 = O0 = None
+                W0 = direct0 = O0 = factors0 = None
                 starts = [warm.pop(prev) if prev is not None else None for _, prev in batch]
                 if self.warm_start and any(st is not None for st in starts):
                     W0 = torch.stack([st[0] if st is not None else torch.zeros_like(Z[0]) for st in starts])
                     direct0 = torch.tensor([st is not None and st[1] for st in starts], device=self.device)
                     O0 = torch.stack([st[2] if st is not None else torch.zeros_like(Z[:, 0]) for st in starts])
-                W, info, direct, O = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton,
-                                                  max_cg=self.max_cg, W0=W0, cg_dtype=self.cg_dtype, K=K,
-                                                  direct0=direct0, Z2=Z2, O0=O0, g0=g0)
-                warm.update({p: (W[i], bool(direct[i]), O[i]) for i, p in enumerate(ids)})
+                    factors0 = [st[3] if st is not None else None for st in starts]
+                W, info, direct, O, fs = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton,
+                                                      max_cg=self.max_cg, W0=W0, cg_dtype=self.cg_dtype, K=K,
+                                                      direct0=direct0, Z2=Z2, O0=O0, g0=g0, factors0=factors0)
+                warm.update({p: (W[i], bool(direct[i]), O[i], fs[i]) for i, p in enumerate(ids)})
                 self._record(info, progress)
                 self._score(W @ sub.V.T if sub is not None else W, ids, evals, out)  # in the full basis
         return out

@@ -263,7 +263,7 @@ def test_mixed_precision_meets_the_float64_stopping_rule():
     Z = torch.as_tensor(np.hstack([l2_normalize(x), np.ones((300, 1))]), dtype=torch.float64)
     labels = torch.as_tensor(np.where(svm.train_targets(y) > 0, 1.0, -1.0))
     cost = torch.full_like(labels, 0.5)
-    W, info, _, _ = newton_solve(Z, labels, cost, tol=1e-6, cg_dtype=torch.float32)
+    W, info, _, _, _ = newton_solve(Z, labels, cost, tol=1e-6, cg_dtype=torch.float32)
     assert info.cg_iters > 0 and info.converged == info.problems
     z = Z.numpy()
     for p in range(len(labels)):
@@ -506,6 +506,42 @@ def test_updated_factorisations_give_the_same_directions_as_fresh_ones():
     assert torch.allclose(got, expected[2:3], atol=1e-9) and one[0][0] is factors[0][0]
     got, fresh = direct_directions(Z, Kpad, Y, A1, W, factors, update_ratio=1e-9)  # never worth it: refactorise
     assert torch.allclose(got, expected, atol=1e-9) and fresh[0][0] is not factors[0][0]
+
+
+def test_factors_of_an_earlier_cost_are_rebuilt_not_gathered_and_give_the_exact_directions():
+    """A chain's next cost changes every diagonal 1/2a: factors of another epoch are rebuilt from the K_SS they
+    kept (no gather: the new factors share the first chunk's `src`) with the new diagonal, then bordered with
+    rows that joined; rows that left become exactly decoupled padding. The directions equal a fresh solve, over two
+    cost changes and when rows that had left come back within a cost, and an active set that shrank far below
+    its factor's width is refactorised from a new gather instead."""
+    from mocobench.evaluate.svm_active_set import direct_directions, padded_gram
+    gen = torch.Generator().manual_seed(3)
+    N, r, P = 60, 20, 4
+    Z = torch.randn(N, r, generator=gen, dtype=torch.float64)
+    K, Kpad = Z @ Z.T, padded_gram(Z @ Z.T)
+    Y = torch.where(torch.rand(P, N, generator=gen) < 0.5, 1.0, -1.0).double()
+    weight = torch.where(Y > 0, 2.0, 1.0)  # VOC07's class weights: two diagonal values per problem
+    W = torch.randn(P, r, generator=gen, dtype=torch.float64)
+    on = torch.rand(P, N, generator=gen) < 0.5
+    e0, e1, e2 = object(), object(), object()
+    _, f0 = direct_directions(Z, Kpad, Y, 0.5 * weight * on, W, epoch=e0)
+    src = f0[0][0].src
+    on1 = on.clone()
+    for p, (n_add, n_drop) in enumerate(((2, 1), (0, 3), (4, 0), (0, 0))):
+        off, act = (~on[p]).nonzero()[:, 0], on[p].nonzero()[:, 0]
+        on1[p, off[:n_add]], on1[p, act[:n_drop]] = True, False
+    f1 = f0
+    # a new cost; the same cost again with the dropped rows back (bordered onto the rebuilt factor); another
+    for epoch, C, active in ((e1, 2.0, on1), (e1, 2.0, on), (e2, 7.0, on1)):
+        A = C * weight * active
+        got, f1 = direct_directions(Z, Kpad, Y, A, W, f1, epoch=epoch, update_ratio=1e9)
+        assert torch.allclose(got, _active_set_directions(Z, K, Y, A, W), atol=1e-9), (C, epoch)
+        assert all(f[0].epoch is epoch and f[0].src is src for f in f1)  # rebuilt from the first gather
+    A = 3.0 * weight * on1
+    A[:, 2:] = 0  # two active rows left of ~30: a fresh gather of 2 x 2 costs less than a 30-wide rebuild
+    got, fresh = direct_directions(Z, Kpad, Y, A, W, f1, epoch=object())
+    assert torch.allclose(got, _active_set_directions(Z, K, Y, A, W), atol=1e-9)
+    assert all(f is None or f[0].src is not src for f in fresh)
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt")
