@@ -23,11 +23,12 @@ class Basis:
 
     For d <= n it is the eigenbasis of F^T F (PCA rotation), computed in float32: the rotation only has to
     make Jacobi preconditioning effective, and the design the solver then works with is Z itself (a float32
-    product F V, held in F's dtype), orthonormal to float32 precision (|V^T V - I| ~ 1e-6 at 2049-d), the
-    order of the features' own float32 rounding. On a 2-core AVX2 AMD EPYC (one thread) at 5011 x 2049 it
-    takes 2.4-3.0 s instead of 4.7-5.4 s in float64, and the VOC07 protocol's mAP is unchanged (4 decimals). Otherwise (d > n)
-    V = F^T U diag(lam)^-1/2 from the float64 eigendecomposition F F^T = U diag(lam) U^T, so Z = U diag(lam)^1/2
-    and Z Z^T is the Gram matrix the exact Newton steps use. Directions with eigenvalue below
+    product F V, held in F's dtype), V orthonormal and Z's columns orthogonal to float32 precision
+    (|V^T V - I| ~ 1e-6 at 2049-d), the order of the features' own float32 rounding. On a 2-core AVX2 AMD
+    EPYC (one thread) at 5011 x 2049 it takes 2.4-3.0 s instead of 4.7-5.4 s in float64, and the VOC07
+    protocol's mAP is unchanged (4 decimals). Otherwise (d > n) V = F^T U diag(lam)^-1/2 from the float64
+    eigendecomposition F F^T = U diag(lam) U^T, so Z = U diag(lam)^1/2 and Z Z^T is the Gram matrix the exact
+    Newton steps use. Directions with eigenvalue below
     `rel_eps * lam_max` are dropped: the SVM optimum has no component outside the training rows' span.
     `gram` is F F^T (= Z Z^T) when the eigenbasis came from it, else None.
     """

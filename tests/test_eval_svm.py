@@ -508,13 +508,17 @@ def test_updated_factorisations_give_the_same_directions_as_fresh_ones():
     assert torch.allclose(got, expected, atol=1e-9) and fresh[0][0] is not factors[0][0]
 
 
-def test_factors_of_an_earlier_cost_are_rebuilt_not_gathered_and_give_the_exact_directions():
+@pytest.mark.parametrize("mkl", [True, False])  # dpotrf in place / torch.linalg.cholesky (GPU, other BLAS)
+def test_factors_of_an_earlier_cost_are_rebuilt_not_gathered_and_give_the_exact_directions(mkl, monkeypatch):
     """A chain's next cost changes every diagonal 1/2a: factors of another epoch are rebuilt from the K_SS they
     kept (no gather: the new factors share the first chunk's `src`) with the new diagonal, then bordered with
     rows that joined; rows that left become exactly decoupled padding. The directions equal a fresh solve, over two
     cost changes and when rows that had left come back within a cost, and an active set that shrank far below
     its factor's width is refactorised from a new gather instead."""
+    from mocobench.evaluate import native
     from mocobench.evaluate.svm_active_set import direct_directions, padded_gram
+    if not mkl:
+        monkeypatch.setattr(native, "_mkl_potrf", lambda: None)
     gen = torch.Generator().manual_seed(3)
     N, r, P = 60, 20, 4
     Z = torch.randn(N, r, generator=gen, dtype=torch.float64)
