@@ -208,8 +208,6 @@ def direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: t
         ref_valid = ref < pad
         act_pad = torch.cat([act[sel], torch.zeros(len(sel), 1, dtype=torch.bool, device=Z.device)], 1)
         kept = (act_pad.gather(1, ref) & ref_valid).sum(1)
-        n_drop = ref_valid.sum(1) - kept
-        cols = (sizes[sel] - kept) + 2 * n_drop + 2
         if epoch is not None and F.epoch is not epoch:  # built for other costs: rebuild, then border
             worth = _rebuild_flops(ref.shape[1], sizes[sel] - kept) <= _refactor_flops(sizes[sel])
             worth &= sizes[sel] > 0
@@ -223,6 +221,8 @@ def direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: t
                 for i, p in enumerate(sel.tolist()):
                     refactor[p], factors[p] = False, (Fs, i)
             continue
+        n_drop = ref_valid.sum(1) - kept
+        cols = (sizes[sel] - kept) + 2 * n_drop + 2
         near = (cols * 3 <= update_ratio * sizes[sel]) & (sizes[sel] > 0)  # the others are refactorised
         if not bool(near.any()):
             continue
