@@ -94,7 +94,7 @@ def _run_variant(conn, solver: str, data_spec: dict, opts: dict, threads: int, p
         from mocobench.evaluate.svm import SVMSolverOptions
         from mocobench.evaluate.svm_process import configure_svm_process
         so = SVMSolverOptions(solver=solver, n_jobs=max(1, threads), threads=max(1, threads), **opts)
-        configure_svm_process(so.solver, so.device, so.threads)  # this process is the entry point
+        configure_svm_process(so.solver, so.device, so.threads, so.blas)  # this process is the entry point
         t0 = time.perf_counter()
         fs = load_features(data_spec["features"])
         data = {"train_feats": fs.train_feats, "train_labels": fs.train_labels, "test_feats": fs.test_feats,
@@ -161,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="mixed", help="torch solver precision: mixed or float64")
     parser.add_argument("--device", default="cpu", help="torch solver device: cpu, cuda, auto")
     parser.add_argument("--threads", type=int, default=1, help="cores for each solver (see above)")
+    parser.add_argument("--blas", default="auto", choices=("auto", "torch", "openblas"),
+                        help="torch solver's CPU linear algebra: auto (OpenBLAS on AMD CPUs, else torch's MKL), "
+                             "torch or openblas (evaluate/blas.py)")
     args = parser.parse_args(argv)
 
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
     if not solvers or any(s not in ("torch", "sklearn") for s in solvers):
         parser.error(f"--solvers takes torch and/or sklearn, got {args.solvers!r}")
-    opts = {"precision": args.precision, "device": args.device}
+    opts = {"precision": args.precision, "device": args.device, "blas": args.blas}
     if args.costs:
         try:
             opts["costs"] = [float(c) for c in args.costs.split(",")]
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             extra += "; mAP per k " + " ".join(f"{k} {v:.2f}" for k, v in res["per_k"].items())
         if res["solver"]:
             extra += f", {res['solver']['newton_iters']} Newton / {res['solver']['cg_iters']} CG steps"
-        label = f"torch ({args.precision}, {args.device})" if name == "torch" else "sklearn LinearSVC"
+        label = (f"torch ({args.precision}, {args.device}, BLAS {res['solver'].get('blas', 'torch')})" if name == "torch"
+                 else "sklearn LinearSVC")
         what_map = "mAP (mean over k)" if "per_k" in res else "mAP"
         print(f"  {label}: {res['seconds']:.1f} s end to end ({parts}), {what_map} {res['mAP']:.2f}, "
               f"peak RSS {res['peak_rss_mib']:.0f} MiB{extra}", flush=True)
@@ -224,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"benchmark": "svm", "protocol": args.protocol, "data": what, "threads": args.threads,
                **({"k_values": lowshot["k_values"], "samples": args.samples} if lowshot else {}),
                "precision": args.precision, "device": args.device,
+               **({"blas": results["torch"]["solver"].get("blas")} if results.get("torch", {}).get("solver") else {}),
                **{f"{n}_seconds": r["seconds"] for n, r in results.items()},
                **{f"{n}_start_seconds": r["start_seconds"] for n, r in results.items()},
                **{f"{n}_load_seconds": r["load_seconds"] for n, r in results.items()},

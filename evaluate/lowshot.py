@@ -197,7 +197,8 @@ def lowshot_svm(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: n
 
 def run(cfg: LowShotConfig) -> dict:
     start = now_iso()
-    configure_svm_process(cfg.solver, cfg.device, cfg.threads)
+    cfg.check_solver()
+    configure_svm_process(cfg.solver, cfg.device, cfg.threads, cfg.blas)
     if cfg.samples < 1 or not cfg.k_values or min(cfg.k_values) < 1:
         raise ConfigError(f"need samples >= 1 and positive k_values, got samples={cfg.samples}, k_values={cfg.k_values}")
     held = claim_out(cfg, "lowshot")

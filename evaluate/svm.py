@@ -33,6 +33,8 @@ from mocobench.core.threads import fit_threads
 from mocobench.evaluate.ap import step_ap, voc_ap
 from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
 from mocobench.evaluate.feature_file import load_features
+from mocobench.evaluate.blas import LIBRARIES as BLAS_LIBRARIES
+from mocobench.evaluate.blas import current as current_blas
 from mocobench.evaluate.protocols import Protocol
 from mocobench.evaluate.report import claim_out, peak_rss_mb, report
 from mocobench.evaluate.svm_problem import l2_normalize
@@ -64,6 +66,8 @@ class SVMSolverOptions:
     n_jobs: int = option(1, "sklearn solver: LinearSVC fits run in parallel threads", at_least=1)
     max_iter: int = option(SKLEARN_MAX_ITER, "sklearn solver: liblinear max_iter (VISSL: 2000)", at_least=1)
     threads: int = option(0, "torch CPU threads (0 = every CPU given to the process: core/threads.py)", at_least=0)
+    blas: str = option("auto", "torch solver's CPU linear algebra: auto (OpenBLAS on AMD CPUs, else torch's "
+                       "MKL), torch or openblas (evaluate/blas.py)")
     normalize: bool = option(True, "L2-normalise features first (VISSL/MMSelfSup: yes)")
 
     def __post_init__(self):
@@ -77,6 +81,8 @@ class SVMSolverOptions:
             raise ConfigError(f"unknown solver {self.solver!r}; expected torch or sklearn")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.blas not in BLAS_LIBRARIES:
+            raise ConfigError(f"blas must be one of {', '.join(BLAS_LIBRARIES)}, got {self.blas!r}")
 
     def make_solver(self, train: np.ndarray, evals: dict[str, np.ndarray]):
         return make_solver(self.solver, train, evals, device=self.device, precision=self.precision, tol=self.tol,
@@ -235,12 +241,13 @@ def solver_details(solver) -> dict:
     if not info:
         return {}
     return {"newton_iters": sum(i.newton_iters for i in info), "cg_iters": sum(i.cg_iters for i in info),
-            "unconverged": sum(i.problems - i.converged for i in info)}
+            "unconverged": sum(i.problems - i.converged for i in info), "blas": current_blas()}
 
 
 def run(cfg: SVMConfig) -> dict:
     start = now_iso()
-    configure_svm_process(cfg.solver, cfg.device, cfg.threads)
+    cfg.check_solver()
+    configure_svm_process(cfg.solver, cfg.device, cfg.threads, cfg.blas)
     if cfg.folds < 2:
         raise ConfigError(f"folds must be >= 2, got {cfg.folds}")
     held = claim_out(cfg, "svm")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mocobench.evaluate.native import cholesky_lower
+from mocobench.evaluate.blas import cholesky_lower, matmul, solve_triangular
 
 
 def padded_gram(K: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ def active_set_solve(K_SS: torch.Tensor, a: torch.Tensor, y: torch.Tensor, valid
     M.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 0.5 / a, 1.0))
     L = cholesky_lower(M)
     rhs = torch.where(valid, y, 0.0).to(torch.float64)[..., None]
-    g = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True)
+    g = solve_triangular(L.mT, solve_triangular(L, rhs, upper=False), upper=True)
     return g[..., 0], L
 
 
@@ -129,12 +129,12 @@ def _updated_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, F: Acti
     R1 = torch.zeros(b, m, 1 + dmax, dtype=torch.float64, device=dev)
     R1[:, :, 0] = y_ref
     R1[:, :, 1:].scatter_(1, drop_pos[:, None, :], valid_d[:, None, :].to(torch.float64))
-    X1 = torch.linalg.solve_triangular(L, R1, upper=False)
+    X1 = solve_triangular(L, R1, upper=False)
     if amax:
         B = Kpad[ref[:, :, None], add_idx[:, None, :]].to(torch.float64)
         Maa = Kpad[add_idx[:, :, None], add_idx[:, None, :]].to(torch.float64)
         Maa.diagonal(dim1=1, dim2=2).add_(torch.where(valid_a, 0.5 / A.gather(1, add_idx.clamp_max(pad - 1)), 1.0))
-        Wb = torch.linalg.solve_triangular(L, B, upper=False)
+        Wb = solve_triangular(L, B, upper=False)
         La, info = torch.linalg.cholesky_ex(Maa - Wb.mT @ Wb)
         if bool((info != 0).any()):
             return None
@@ -143,7 +143,7 @@ def _updated_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, F: Acti
         X2 = torch.linalg.solve_triangular(La, R2 - Wb.mT @ X1, upper=False)
         Z2 = torch.linalg.solve_triangular(La.mT, X2, upper=True)
         X1 = X1 - Wb @ Z2
-    Z1 = torch.linalg.solve_triangular(L.mT, X1, upper=True)
+    Z1 = solve_triangular(L.mT, X1, upper=True)
     g1 = Z1[:, :, 0]
     g2 = Z2[:, :, 0] if amax else None
     if dmax:  # multipliers that make g vanish on the dropped rows
@@ -261,4 +261,4 @@ def direct_directions(Z: torch.Tensor, Kpad: torch.Tensor, Y: torch.Tensor, A: t
             dual[rows] = d
             for i, p in enumerate(rows.tolist()):
                 factors[p] = (F, i)
-    return dual[:, :pad].to(Z.dtype) @ Z - W, factors
+    return matmul(dual[:, :pad].to(Z.dtype), Z) - W, factors

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import torch
 
+from mocobench.evaluate.blas import matmul, routed
+
 
 def gram_matrix(F: torch.Tensor, blocks: int = 8) -> torch.Tensor:
     """F F^T, computing only the row blocks' products on and left of the diagonal and mirroring them (the
-    matrix is symmetric): (blocks + 1) / (2 blocks) of one matrix product's flops, 9/16 with 8 blocks."""
+    matrix is symmetric): (blocks + 1) / (2 blocks) of one matrix product's flops, 9/16 with 8 blocks. In
+    OpenBLAS (evaluate/blas.py) one syrk: half the flops."""
+    if routed(F):
+        return matmul(F, F.T)
     n = len(F)
     out = torch.empty(n, n, dtype=F.dtype, device=F.device)
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
@@ -41,14 +46,14 @@ class Basis:
             lam, vecs = torch.linalg.eigh(gram_matrix(F32.T))  # F^T F
             keep = lam > rel_eps * lam.max().clamp_min(1e-30)
             V = vecs[:, keep].flip(1)
-            self.Z = (F32 @ V).to(feats.dtype)
+            self.Z = matmul(F32, V).to(feats.dtype)
             self.V = V.to(feats.dtype)
         else:
             self.gram = gram_matrix(feats)
             lam, U = torch.linalg.eigh(self.gram)
             keep = lam > rel_eps * lam.max().clamp_min(1e-300)
             lam, U = lam[keep].flip(0), U[:, keep].flip(1)
-            self.V = (feats.T @ U) / lam.sqrt()
+            self.V = matmul(feats.T, U) / lam.sqrt()
             self.Z = U * lam.sqrt()
         self.Z = self.Z.contiguous()
 

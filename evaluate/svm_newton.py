@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mocobench.evaluate.blas import matmul
 from mocobench.evaluate.svm_active_set import direct_directions
 
 
@@ -97,7 +98,7 @@ def line_search(wd, dd, xi, q, cost, iters: int = 40):
 
 def gradient_norm_at_zero(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     """|gradient| of each problem's objective at w = 0: |2 Z^T (cost * labels)| (the convergence scale)."""
-    return (2 * ((cost * labels) @ Z)).norm(dim=1)
+    return (2 * matmul(cost * labels, Z)).norm(dim=1)
 
 
 def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
@@ -132,7 +133,7 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     g0 = gradient_norm_at_zero(Z, labels, cost) if g0 is None else g0
     idx = torch.arange(P, device=Z.device)
     W = W_out.clone() if W0 is None else W0.clone()
-    O = (W @ Z.T if O0 is None else O0.clone())  # scores Z w on the training rows
+    O = (matmul(W, Z.T) if O0 is None else O0.clone())  # scores Z w on the training rows
     O_out = torch.empty(P, N, dtype=Z.dtype, device=Z.device)
     Y, C, CY, G0 = labels, cost, cy_all, g0
     direct = torch.zeros(P, dtype=torch.bool, device=Z.device) if direct0 is None or K is None else direct0.clone()
@@ -145,7 +146,7 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     for newton in range(1, max_newton + 1):
         xi = 1 - Y * O
         m = xi.clamp_min(0)
-        G = W - 2 * ((CY * m) @ Z)
+        G = W - 2 * matmul(CY * m, Z)
         gn = G.norm(dim=1)
         done = gn <= tol * G0
         if bool(done.any()):
@@ -171,20 +172,20 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
         if not bool(direct.all()):
             it = ~direct
             Acg = A[it]
-            precond = 1 + 2 * (Acg @ Z2)
+            precond = 1 + 2 * matmul(Acg, Z2)
             rtol = torch.clamp(torch.sqrt(gn[it] / G0[it]), max=0.1)
             if K is not None:  # CG steps worth one Cholesky of the active set
                 budget = ((Acg > 0).sum(1).double() ** 3 / 3 / (4 * N * r)).clamp(1, max_cg).long()
             else:
                 budget = torch.full((len(Acg),), max_cg, dtype=torch.long, device=Z.device)
             Zc, Ac = (Z, Acg) if cg_dtype is None else (Zlow, Acg.to(cg_dtype))
-            Dcg, k, exhausted = _pcg(lambda V, rows: V + 2 * (((V @ Zc.T) * Ac[rows]) @ Zc), (-G[it]).to(Zc.dtype),
+            Dcg, k, exhausted = _pcg(lambda V, rows: V + 2 * matmul(matmul(V, Zc.T) * Ac[rows], Zc), (-G[it]).to(Zc.dtype),
                                      precond.to(Zc.dtype), rtol.to(Zc.dtype), budget)
             D[it] = Dcg.to(Z.dtype)
             cg_total += k
             if K is not None:
                 direct[it.nonzero()[:, 0][exhausted]] = True
-        Delta = D @ Z.T
+        Delta = matmul(D, Z.T)
         t = line_search((W * D).sum(1), (D * D).sum(1), xi, Y * Delta, C)
         W = W + t[:, None] * D
         O = O + t[:, None] * Delta

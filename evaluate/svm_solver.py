@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from mocobench.evaluate.blas import matmul
 from mocobench.evaluate.svm_active_set import padded_gram
 from mocobench.evaluate.svm_basis import Basis, gram_matrix
 from mocobench.evaluate.svm_kernel import kernel_newton_solve
@@ -143,7 +144,7 @@ class TorchSVM:
                                                       direct0=direct0, Z2=Z2, O0=O0, g0=g0, factors0=factors0)
                 warm.update({p: (W[i], bool(direct[i]), O[i], fs[i]) for i, p in enumerate(ids)})
                 self._record(info, progress)
-                self._score(W @ sub.V.T if sub is not None else W, ids, evals, out)  # in the full basis
+                self._score(matmul(W, sub.V.T) if sub is not None else W, ids, evals, out)  # in the full basis
         return out
 
     def use_kernel(self, rows_per_problem: int, rows_in_call: int) -> bool:
@@ -174,10 +175,10 @@ class TorchSVM:
         W, W_feat = W.to(self.score_dtype), None
         for e in evals:
             if e == "train":
-                scores = self.matrices["train"] @ W.T
+                scores = matmul(self.matrices["train"], W.T)
             else:
-                W_feat = W @ self.basis.V.T if W_feat is None else W_feat
-                scores = self.matrices[e] @ W_feat.T
+                W_feat = matmul(W, self.basis.V.T) if W_feat is None else W_feat
+                scores = matmul(self.matrices[e], W_feat.T)
             out[e][ids] = scores.T.cpu().numpy()
 
     def _fit_kernel(self, labels, train_mask, costs, evals, out, progress) -> dict[str, np.ndarray]:

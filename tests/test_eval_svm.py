@@ -204,12 +204,16 @@ def test_cv_picks_the_right_cost(make, best):
 
 
 # --- the solvers ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("library", ["torch", "openblas"])  # evaluate/blas.py
 @pytest.mark.parametrize("kernel_rows", [0, 10**6])  # the shared-basis Newton solver / each problem's own rows
 @pytest.mark.parametrize("n,d", [(120, 40), (60, 150)])  # PCA basis (d < n) and Gram eigenbasis (d > n)
-def test_torch_solver_reaches_the_liblinear_optimum(n, d, kernel_rows):
+def test_torch_solver_reaches_the_liblinear_optimum(n, d, kernel_rows, library, monkeypatch):
     """Per problem (incl. training subsets and a small-row sub-basis), the torch solution scores like
     LinearSVC's and its primal objective is never worse (it is the optimum LinearSVC approaches), whether
-    solved in the shared basis or in the coefficients of each problem's own rows (`kernel_newton_solve`)."""
+    solved in the shared basis or in the coefficients of each problem's own rows (`kernel_newton_solve`),
+    with its linear algebra in torch or in OpenBLAS."""
+    from mocobench.evaluate import blas
+    monkeypatch.setattr(blas, "_library", blas.resolve(library))
     x, y = blobs(n, d, 3, seed=1)
     x = l2_normalize(x)
     t = svm.train_targets(y)
@@ -475,12 +479,15 @@ def test_in_place_cholesky_solves_like_torch_and_rejects_indefinite_matrices():
         cholesky_lower(bad)
 
 
-def test_updated_factorisations_give_the_same_directions_as_fresh_ones():
+@pytest.mark.parametrize("library", ["torch", "openblas"])  # evaluate/blas.py
+def test_updated_factorisations_give_the_same_directions_as_fresh_ones(library, monkeypatch):
     """After a first exact step, active sets that gain and lose a few rows (same costs) are solved by updating
     the first step's Cholesky factors (bordering for the added rows, multipliers pinning the dropped ones to
     zero); the directions equal a fresh solve, whether the chunk is reused whole or in part, and an active set
     that moved too far is refactorised instead."""
+    from mocobench.evaluate import blas
     from mocobench.evaluate.svm_active_set import direct_directions, padded_gram
+    monkeypatch.setattr(blas, "_library", library)
     gen = torch.Generator().manual_seed(1)
     N, r, P = 60, 20, 4
     Z = torch.randn(N, r, generator=gen, dtype=torch.float64)
@@ -508,17 +515,19 @@ def test_updated_factorisations_give_the_same_directions_as_fresh_ones():
     assert torch.allclose(got, expected, atol=1e-9) and fresh[0][0] is not factors[0][0]
 
 
-@pytest.mark.parametrize("mkl", [True, False])  # dpotrf in place / torch.linalg.cholesky (GPU, other BLAS)
-def test_factors_of_an_earlier_cost_are_rebuilt_not_gathered_and_give_the_exact_directions(mkl, monkeypatch):
+# MKL's dpotrf in place / torch.linalg.cholesky (GPU, other BLAS) / OpenBLAS's dpotrf and dtrsm (evaluate/blas.py)
+@pytest.mark.parametrize("path", ["mkl", "torch", "openblas"])
+def test_factors_of_an_earlier_cost_are_rebuilt_not_gathered_and_give_the_exact_directions(path, monkeypatch):
     """A chain's next cost changes every diagonal 1/2a: factors of another epoch are rebuilt from the K_SS they
     kept (no gather: the new factors share the first chunk's `src`) with the new diagonal, then bordered with
     rows that joined; rows that left become exactly decoupled padding. The directions equal a fresh solve, over two
     cost changes and when rows that had left come back within a cost, and an active set that shrank far below
     its factor's width is refactorised from a new gather instead."""
-    from mocobench.evaluate import native
+    from mocobench.evaluate import blas, native
     from mocobench.evaluate.svm_active_set import direct_directions, padded_gram
-    if not mkl:
+    if path == "torch":
         monkeypatch.setattr(native, "_mkl_potrf", lambda: None)
+    monkeypatch.setattr(blas, "_library", "openblas" if path == "openblas" else "torch")
     gen = torch.Generator().manual_seed(3)
     N, r, P = 60, 20, 4
     Z = torch.randn(N, r, generator=gen, dtype=torch.float64)
