@@ -20,6 +20,23 @@ def padded_gram(K: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gather_blocks(K: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, batch: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Blocks K[rows[i]][:, cols[i]] of a 2-D K (or K[batch[i]][rows[i]][:, cols[i]] of a 3-D K) for index
+    batches rows (b, s) and cols (b, t): (b, s, t).
+
+    On the CPU through numpy's fancy indexing: each element is a cache miss in K's rows, and numpy's kernel
+    took 0.5-0.9x the time of torch's from a 5012^2 float64 Gram matrix (11-35 against 21-46 ns per element,
+    blocks of 400-900 rows) and 0.3x from 100 blocks of 642^2 (5-8 against 16-25 ns; torch's rows, then
+    gather), on a 2-core AVX2 AMD EPYC."""
+    if K.device.type != "cpu":
+        if batch is None:
+            return K[rows[:, :, None], cols[:, None, :]]
+        return K[batch[:, None, None], rows[:, :, None], cols[:, None, :]]
+    r, c = rows.numpy()[:, :, None], cols.numpy()[:, None, :]
+    return torch.from_numpy(K.numpy()[r, c] if batch is None else K.numpy()[batch.numpy()[:, None, None], r, c])
+
+
 @dataclass
 class ActiveSetFactors:
     """Factorised active-set systems of a chunk of problems: `idx` (b, s) the rows each was built on, padded
@@ -61,7 +78,7 @@ def _refactored_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, size
     valid = torch.arange(s, device=Kpad.device)[None, :] < sizes[:, None]
     idx = torch.where(valid, order[:, :s], pad)
     at = idx.clamp_max(pad - 1)
-    K_SS = Kpad[idx[:, :, None], idx[:, None, :]].to(torch.float64)  # factorised in place: its lower triangle stays
+    K_SS = gather_blocks(Kpad, idx, idx).to(torch.float64)  # factorised in place: its lower triangle stays
     gamma, L = active_set_solve(K_SS, A.gather(1, at), Y.gather(1, at), valid)
     dual = torch.zeros(len(idx), pad + 1, dtype=gamma.dtype, device=Kpad.device)
     dual.scatter_(1, idx, torch.where(valid, gamma, 0.0))
@@ -131,8 +148,8 @@ def _updated_duals(Kpad: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, F: Acti
     R1[:, :, 1:].scatter_(1, drop_pos[:, None, :], valid_d[:, None, :].to(torch.float64))
     X1 = solve_triangular(L, R1, upper=False)
     if amax:
-        B = Kpad[ref[:, :, None], add_idx[:, None, :]].to(torch.float64)
-        Maa = Kpad[add_idx[:, :, None], add_idx[:, None, :]].to(torch.float64)
+        B = gather_blocks(Kpad, ref, add_idx).to(torch.float64)
+        Maa = gather_blocks(Kpad, add_idx, add_idx).to(torch.float64)
         Maa.diagonal(dim1=1, dim2=2).add_(torch.where(valid_a, 0.5 / A.gather(1, add_idx.clamp_max(pad - 1)), 1.0))
         Wb = solve_triangular(L, B, upper=False)
         La, info = torch.linalg.cholesky_ex(Maa - Wb.mT @ Wb)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mocobench.evaluate.svm_active_set import active_set_solve
+from mocobench.evaluate.svm_active_set import active_set_solve, gather_blocks
 from mocobench.evaluate.svm_newton import SolveInfo, line_search
 
 
@@ -66,7 +66,7 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
             valid = torch.arange(s, device=dev)[None, :] < sizes[go, None]
             sel = torch.where(valid, order, n)  # padding: the zero row
             at = sel.clamp_max(n - 1)
-            K_SS = torch.gather(K[go[:, None], sel], 2, sel[:, None, :].expand(-1, s, s))  # rows, then columns
+            K_SS = gather_blocks(K, sel, sel, batch=go)
             g, _ = active_set_solve(K_SS, A[go].gather(1, at), Y[go].gather(1, at), valid)
             full = torch.zeros(len(go), n + 1, dtype=torch.float64, device=dev)
             full.scatter_(1, sel, torch.where(valid, g, 0.0))

@@ -122,7 +122,8 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     active-set factorisation (or None) fifth: passed back as `factors0` for the next cost of the same problem,
     it is rebuilt for the new costs rather than gathered again (`direct_directions`). Quantities the caller has
     may be passed in rather than recomputed (a matrix product each): `Z2` = Z * Z (for the Jacobi
-    preconditioner), `O0` = W0 Z^T, `g0` = |gradient at w = 0| per problem.
+    preconditioner, whose products run in Z2's dtype: the CG dtype will do), `O0` = W0 Z^T, `g0` = |gradient
+    at w = 0| per problem.
     """
     P, N = labels.shape
     r = Z.shape[1]
@@ -172,7 +173,7 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
         if not bool(direct.all()):
             it = ~direct
             Acg = A[it]
-            precond = 1 + 2 * matmul(Acg, Z2)
+            precond = 1 + 2 * matmul(Acg.to(Z2.dtype), Z2)
             rtol = torch.clamp(torch.sqrt(gn[it] / G0[it]), max=0.1)
             if K is not None:  # CG steps worth one Cholesky of the active set
                 budget = ((Acg > 0).sum(1).double() ** 3 / 3 / (4 * N * r)).clamp(1, max_cg).long()

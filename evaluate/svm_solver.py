@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mocobench.evaluate.blas import matmul
-from mocobench.evaluate.svm_active_set import padded_gram
+from mocobench.evaluate.svm_active_set import gather_blocks, padded_gram
 from mocobench.evaluate.svm_basis import Basis, gram_matrix
 from mocobench.evaluate.svm_kernel import kernel_newton_solve
 from mocobench.evaluate.svm_newton import SolveInfo, gradient_norm_at_zero, newton_solve
@@ -112,7 +112,7 @@ class TorchSVM:
         if len(rows) < 0.9 * self.basis.rank:  # clearly fewer rows than dimensions: a basis of just those
             sub = Basis(Z)
             Z = sub.Z
-        Z2 = Z * Z
+        Z2 = (Z * Z).to(self.cg_dtype or self.dtype)  # for the Jacobi preconditioner of the CG steps only
         y_all = np.where(labels[:, rows] > 0, 1.0, -1.0)
         c_all = problem_costs(labels[:, rows], train_mask[:, rows], costs)
         # what later stages start from: solutions (in this call's basis), whether they ended with exact steps,
@@ -199,7 +199,7 @@ class TorchSVM:
         root = {p: i for i, (p, _) in enumerate(stages[0])}
         first = R_t[[p for p, _ in stages[0]]]
         ext = torch.cat([first, torch.full_like(first[:, :1], pad)], 1)  # + the zero row of the padded gram
-        K_chain = self.gram[ext[:, :, None], ext[:, None, :]]
+        K_chain = gather_blocks(self.gram, ext, ext)
         warm: dict[int, torch.Tensor] = {}
         for stage in stages:
             for p, prev in stage:

@@ -515,6 +515,19 @@ def test_updated_factorisations_give_the_same_directions_as_fresh_ones(library, 
     assert torch.allclose(got, expected, atol=1e-9) and fresh[0][0] is not factors[0][0]
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_gathered_blocks_equal_torch_indexing(batched):
+    from mocobench.evaluate.svm_active_set import gather_blocks
+    g = torch.Generator().manual_seed(5)
+    K = torch.randn(3, 9, 9, generator=g, dtype=torch.float64) if batched else torch.randn(9, 9, generator=g)
+    rows, cols = torch.randint(0, 9, (4, 5), generator=g), torch.randint(0, 9, (4, 2), generator=g)
+    batch = torch.tensor([2, 0, 0, 1])
+    got = gather_blocks(K, rows, cols, batch if batched else None)
+    for i in range(4):
+        Ki = K[batch[i]] if batched else K
+        assert torch.equal(got[i], Ki[rows[i]][:, cols[i]])
+
+
 # MKL's dpotrf in place / torch.linalg.cholesky (GPU, other BLAS) / OpenBLAS's dpotrf and dtrsm (evaluate/blas.py)
 @pytest.mark.parametrize("path", ["mkl", "torch", "openblas"])
 def test_factors_of_an_earlier_cost_are_rebuilt_not_gathered_and_give_the_exact_directions(path, monkeypatch):
