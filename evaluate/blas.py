@@ -68,10 +68,12 @@ def _threadpool_limits():
 
 
 def _fit_blas_threads() -> None:
-    """OpenBLAS's threads = torch's intra-op threads (set again only when torch's count has changed)."""
+    """OpenBLAS's threads = torch's intra-op threads (set again only when torch's count has changed), in every
+    OpenBLAS of the process: numpy's and scipy's wheels each ship their own, so scipy's is loaded first."""
     global _blas_threads
     n = torch.get_num_threads()
     if n != _blas_threads:
+        _scipy_linalg()
         _threadpool_limits()(limits=n, user_api="blas")
         _blas_threads = n
 
