@@ -31,10 +31,10 @@ from mocobench.core.errors import ConfigError, FeatureFileError
 from mocobench.core.records import now_iso
 from mocobench.core.threads import fit_threads
 from mocobench.evaluate.ap import step_ap, voc_ap
-from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
-from mocobench.evaluate.feature_file import load_features
 from mocobench.evaluate.blas import LIBRARIES as BLAS_LIBRARIES
 from mocobench.evaluate.blas import current as current_blas
+from mocobench.evaluate.feature_cache import FeatureSourceConfig, resolve_features
+from mocobench.evaluate.feature_file import load_features
 from mocobench.evaluate.protocols import Protocol
 from mocobench.evaluate.report import claim_out, peak_rss_mb, report
 from mocobench.evaluate.svm_problem import l2_normalize
