@@ -1,5 +1,9 @@
 """evaluate/blas.py: the library rule, and every routed operation equal to torch's own (products of row- and
 column-major operands, the in-place Cholesky of either triangle, triangular solves on transposed views)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -64,15 +68,13 @@ def test_openblas_threads_follow_torch_threads(openblas):
 def test_every_openblas_of_a_fresh_process_gets_torch_threads():
     """numpy's and scipy's OpenBLAS are two libraries: a product before scipy is loaded must not leave scipy's
     Cholesky on its default threads."""
-    import subprocess
-    import sys
     code = ("import torch; from mocobench.evaluate import blas; from threadpoolctl import threadpool_info\n"
             "torch.set_num_threads(1); blas.use('openblas'); blas.matmul(torch.ones(3, 3), torch.ones(3, 3))\n"
             "M = torch.eye(4, dtype=torch.float64)[None].repeat(2, 1, 1).contiguous(); blas.cholesky_lower(M)\n"
             "libs = [i for i in threadpool_info() if i['internal_api'] == 'openblas']\n"
             "print(len({i['filepath'] for i in libs}), sorted({i['num_threads'] for i in libs}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "2"}).stdout.split()
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "2"}).stdout.split()
     assert out[1:] == ["[1]"], out
 
 
