@@ -10,8 +10,9 @@ from mocobench.evaluate.svm_newton import SolveInfo, line_search
 
 
 def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
-                        max_newton: int = 100, B0: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, SolveInfo]:
+                        max_newton: int = 100, B0: torch.Tensor | None = None, O0: torch.Tensor | None = None,
+                        KU0: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SolveInfo]:
     """`newton_solve` for problems that each train on few rows, in the coefficients of their own rows.
 
     Problem p trains on n rows R_p (padding rows have cost 0) with Gram matrix Z_Rp Z_Rp^T = K[p, :n, :n],
@@ -20,7 +21,10 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
     and the gradient Z_Rp^T (beta - 2 c y (1 - y K beta)_+) has norm^2 u^T K u. Each step is the exact
     active-set step of `direct_directions` (a Cholesky of |S| <= n rows, gathered from the problem's own
     K) and the same exact line search; nothing costs more than n^2 per problem but the factorisation,
-    where the shared-basis solver's matrix products cost (rows of all problems) x rank. Returns beta (P, n).
+    where the shared-basis solver's matrix products cost (rows of all problems) x rank.
+    Returns beta (P, n), the scores O = K beta and the gradient's coefficients times K, K u, at beta: a warm
+    start for the next cost of the same rows passes them back as B0, O0 and KU0 (rescaled for the new costs:
+    `rescaled_gradient`), each a product with every K saved. Without B0 the solve starts at beta = 0.
     """
     P, n = labels.shape
     dev = K.device
@@ -32,10 +36,16 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
         return (V[:, None, :] @ Kn)[:, 0]
 
     B_out = torch.zeros(P, n, dtype=K.dtype, device=dev)
-    B = B_out.clone() if B0 is None else B0.clone()
-    O = times_K(B)
+    O_out, KU_out = torch.empty_like(B_out), torch.empty_like(B_out)
     CY = cost * labels
-    G0 = (4 * (CY * times_K(CY)).sum(1)).clamp_min(0).sqrt()
+    KCY = times_K(CY)
+    G0 = (4 * (CY * KCY).sum(1)).clamp_min(0).sqrt()
+    if B0 is None:  # beta = 0: u = -2 c y
+        B, O, KU = B_out.clone(), torch.zeros_like(B_out), -2 * KCY
+    else:
+        B = B0.clone()
+        O = times_K(B) if O0 is None else O0.clone()
+        KU = KU0
     idx = torch.arange(P, device=dev)
     live = torch.ones(P, dtype=torch.bool, device=dev)  # not yet converged
     Y, C = labels, cost
@@ -44,10 +54,12 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
     for newton in range(1, max_newton + 1):
         xi = 1 - Y * O
         U = B - 2 * CY * xi.clamp_min(0)
-        gn = (U * times_K(U)).sum(1).clamp_min(0).sqrt()
+        if newton > 1 or KU is None:
+            KU = times_K(U)
+        gn = (U * KU).sum(1).clamp_min(0).sqrt()
         done = live & (gn <= tol * G0)
         if bool(done.any()):
-            B_out[idx[done]] = B[done]
+            B_out[idx[done]], O_out[idx[done]], KU_out[idx[done]] = B[done], O[done], KU[done]
             converged[idx[done]] = True
             live &= ~done
             if not bool(live.any()):
@@ -76,7 +88,8 @@ def kernel_newton_solve(K: torch.Tensor, labels: torch.Tensor, cost: torch.Tenso
         t = line_search((B * KD).sum(1), (Dir * KD).sum(1), xi, Y * KD, C)
         B = B + t[:, None] * Dir
         O = O + t[:, None] * KD
-    if bool(live.any()):
-        B_out[idx[live]] = B[live]
-    return B_out, SolveInfo(newton, 0, int(converged.sum()), P)
+    if bool(live.any()):  # out of Newton steps: the last iterate
+        U = B - 2 * CY * (1 - Y * O).clamp_min(0)
+        B_out[idx[live]], O_out[idx[live]], KU_out[idx[live]] = B[live], O[live], times_K(U)[live]
+    return B_out, O_out, KU_out, SolveInfo(newton, 0, int(converged.sum()), P)
 

@@ -18,6 +18,14 @@ from mocobench.evaluate.blas import matmul
 from mocobench.evaluate.svm_active_set import direct_directions
 
 
+# How many float64 Cholesky flops' worth of float32 CG steps a problem may take before switching to exact
+# steps: a CG step's products run at ~65 GFLOP/s in float32 against ~25 for a float64 Cholesky, and an exact
+# step also gathers its active set, solves triangular systems and maps the dual back in float64 (2-core AVX2
+# AMD EPYC, one thread). Measured there on the 2048-d low-shot k = 64 + 96 solve: 1 -> 59-64 s, 2 -> 56 s,
+# 4 -> 54-57 s, 6 -> 54-58 s, 12 -> 64 s, 25 -> 76 s; the 2048-d VOC07 protocol 38-44 s at 1, 40-42 s at 4.
+EXACT_STEP_COST = 4.0
+
+
 @dataclass
 class SolveInfo:
     """Statistics of one batched solve: Newton steps taken, CG steps over them (per Newton step, those of
@@ -26,6 +34,19 @@ class SolveInfo:
     cg_iters: int
     converged: int
     problems: int
+
+
+@dataclass
+class NewtonResult:
+    """What `newton_solve` returns, per problem: the solution W (P, r), its training scores O = W Z^T and
+    gradient G (what the next cost of a chain starts from: `newton_solve(W0=, O0=, G_start=)`), whether it
+    ended with exact steps, its last active-set factorisation (or None), and the solve statistics."""
+    W: torch.Tensor
+    O: torch.Tensor
+    G: torch.Tensor
+    direct: torch.Tensor
+    factors: list
+    info: SolveInfo
 
 
 def _pcg(hvp, rhs: torch.Tensor, precond: torch.Tensor, rtol: torch.Tensor, budget: torch.Tensor):
@@ -96,34 +117,47 @@ def line_search(wd, dd, xi, q, cost, iters: int = 40):
     return t
 
 
+def gradient_at_zero(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """Gradient of each problem's objective at w = 0: -2 Z^T (cost * labels); its norm is the convergence scale."""
+    return -2 * matmul(cost * labels, Z)
+
+
 def gradient_norm_at_zero(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
-    """|gradient| of each problem's objective at w = 0: |2 Z^T (cost * labels)| (the convergence scale)."""
-    return (2 * matmul(cost * labels, Z)).norm(dim=1)
+    """|gradient| of each problem's objective at w = 0 (the convergence scale)."""
+    return gradient_at_zero(Z, labels, cost).norm(dim=1)
+
+
+def rescaled_gradient(W: torch.Tensor, G: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """The gradient at W once every row's cost is multiplied by `ratio` (P,): G = W - 2 Z^T(c y m) is affine
+    in the costs at a fixed W, so it is (1 - ratio) W + ratio G, without the matrix product. What the next
+    cost of a chain (same rows, labels and class weights) starts from."""
+    return (1 - ratio)[:, None] * W + ratio[:, None] * G
 
 
 def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol: float = 1e-6,
                  max_newton: int = 100, max_cg: int = 500, W0: torch.Tensor | None = None,
                  cg_dtype: torch.dtype | None = None, K: torch.Tensor | None = None,
                  direct0: torch.Tensor | None = None, Z2: torch.Tensor | None = None,
-                 O0: torch.Tensor | None = None, g0: torch.Tensor | None = None, factors0: list | None = None
-                 ) -> tuple[torch.Tensor, SolveInfo, torch.Tensor, torch.Tensor, list]:
+                 O0: torch.Tensor | None = None, g0: torch.Tensor | None = None, factors0: list | None = None,
+                 G_start: torch.Tensor | None = None) -> NewtonResult:
     """Minimise 1/2|w_p|^2 + sum_i cost[p,i] max(0, 1 - labels[p,i] Z_i.w_p)^2 for every problem p.
 
     Z: (N, r) shared design; labels (P, N) +-1; cost (P, N) >= 0 (0 = row not in problem p's training
-    set). Returns W (P, r). Newton directions come from preconditioned CG on the primal Hessian; given the
-    Gram matrix K = Z Z^T (as `padded_gram(K)`), a problem whose CG needs more steps than an exact dual
-    solve of its active set S would cost (|S|^3/3 flops against 4 N r per step) keeps its truncated-CG
-    direction for that step and switches to exact solves (`direct_directions`): cheap CG for small C (nearly
+    set). Returns the solutions W (P, r) and more (`NewtonResult`). Newton directions come from
+    preconditioned CG on the primal Hessian; given the Gram matrix K = Z Z^T (as `padded_gram(K)`), a problem
+    whose CG needs more steps than an exact dual solve of its active set S would cost (`EXACT_STEP_COST` x
+    |S|^3/3 flops against 4 N r per step) keeps its truncated-CG direction for that step and switches to
+    exact solves (`direct_directions`): cheap CG for small C (nearly
     all rows active, well conditioned), Cholesky for large C (few active rows, ill-conditioned). An exact
     line search follows.
     A problem is done once |grad| <= tol * |grad at w=0|; done problems leave the batch. `direct0` marks
     problems that start with exact solves (warm starts whose predecessor ended with them); the same mask at
-    the end is returned third, the training scores Z w at the solutions fourth, and each problem's last
-    active-set factorisation (or None) fifth: passed back as `factors0` for the next cost of the same problem,
-    it is rebuilt for the new costs rather than gathered again (`direct_directions`). Quantities the caller has
-    may be passed in rather than recomputed (a matrix product each): `Z2` = Z * Z (for the Jacobi
-    preconditioner, whose products run in Z2's dtype: the CG dtype will do), `O0` = W0 Z^T, `g0` = |gradient
-    at w = 0| per problem.
+    the end is returned (`NewtonResult`), and each problem's last active-set factorisation (or None): passed
+    back as `factors0` for the next cost of the same problem, it is rebuilt for the new costs rather than
+    gathered again (`direct_directions`). Quantities the caller has may be passed in rather than recomputed (a
+    matrix product each): `Z2` = Z * Z (for the Jacobi preconditioner, whose products run in Z2's dtype: the
+    CG dtype will do), `O0` = W0 Z^T, `g0` = |gradient at w = 0| per problem, `G_start` = the gradient at W0
+    (see `rescaled_gradient`).
     """
     P, N = labels.shape
     r = Z.shape[1]
@@ -136,6 +170,7 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     W = W_out.clone() if W0 is None else W0.clone()
     O = (matmul(W, Z.T) if O0 is None else O0.clone())  # scores Z w on the training rows
     O_out = torch.empty(P, N, dtype=Z.dtype, device=Z.device)
+    G_out = torch.empty(P, r, dtype=Z.dtype, device=Z.device)
     Y, C, CY, G0 = labels, cost, cy_all, g0
     direct = torch.zeros(P, dtype=torch.bool, device=Z.device) if direct0 is None or K is None else direct0.clone()
     direct_out = direct.clone()  # switched to exact solves
@@ -146,12 +181,14 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     converged = torch.zeros(P, dtype=torch.bool, device=Z.device)
     for newton in range(1, max_newton + 1):
         xi = 1 - Y * O
-        m = xi.clamp_min(0)
-        G = W - 2 * matmul(CY * m, Z)
+        if newton == 1 and G_start is not None:
+            G = G_start
+        else:
+            G = W - 2 * matmul(CY * xi.clamp_min(0), Z)
         gn = G.norm(dim=1)
         done = gn <= tol * G0
         if bool(done.any()):
-            W_out[idx[done]], O_out[idx[done]] = W[done], O[done]
+            W_out[idx[done]], O_out[idx[done]], G_out[idx[done]] = W[done], O[done], G[done]
             converged[idx[done]] = True
             direct_out[idx[done]] = direct[done]
             for p, f in zip(idx[done].tolist(), (f for f, d in zip(factors, done.tolist()) if d)):
@@ -176,7 +213,8 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
             precond = 1 + 2 * matmul(Acg.to(Z2.dtype), Z2)
             rtol = torch.clamp(torch.sqrt(gn[it] / G0[it]), max=0.1)
             if K is not None:  # CG steps worth one Cholesky of the active set
-                budget = ((Acg > 0).sum(1).double() ** 3 / 3 / (4 * N * r)).clamp(1, max_cg).long()
+                steps = EXACT_STEP_COST * (Acg > 0).sum(1).double() ** 3 / 3 / (4 * N * r)
+                budget = steps.clamp(1, max_cg).long()
             else:
                 budget = torch.full((len(Acg),), max_cg, dtype=torch.long, device=Z.device)
             Zc, Ac = (Z, Acg) if cg_dtype is None else (Zlow, Acg.to(cg_dtype))
@@ -190,9 +228,11 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
         t = line_search((W * D).sum(1), (D * D).sum(1), xi, Y * Delta, C)
         W = W + t[:, None] * D
         O = O + t[:, None] * Delta
-    if idx.numel():
-        W_out[idx], O_out[idx] = W, O
+    if idx.numel():  # out of Newton steps: the last iterate, and its gradient
+        xi = 1 - Y * O
+        W_out[idx], O_out[idx], G_out[idx] = W, O, W - 2 * matmul(CY * xi.clamp_min(0), Z)
         direct_out[idx] = direct
         for p, f in zip(idx.tolist(), factors):
             factors_out[p] = f
-    return W_out, SolveInfo(newton, cg_total, int(converged.sum()), P), direct_out, O_out, factors_out
+    return NewtonResult(W_out, O_out, G_out, direct_out, factors_out,
+                        SolveInfo(newton, cg_total, int(converged.sum()), P))

@@ -26,7 +26,7 @@ from mocobench.evaluate.blas import matmul
 from mocobench.evaluate.svm_active_set import gather_blocks, padded_gram
 from mocobench.evaluate.svm_basis import Basis, gram_matrix
 from mocobench.evaluate.svm_kernel import kernel_newton_solve
-from mocobench.evaluate.svm_newton import SolveInfo, gradient_norm_at_zero, newton_solve
+from mocobench.evaluate.svm_newton import SolveInfo, gradient_at_zero, newton_solve, rescaled_gradient
 from mocobench.evaluate.svm_problem import check_problems, problem_costs
 from mocobench.evaluate.svm_reference import SKLEARN_MAX_ITER, SklearnSVM
 
@@ -127,24 +127,36 @@ class TorchSVM:
                 y = torch.as_tensor(y_all[ids], dtype=self.dtype, device=self.device)
                 c = torch.as_tensor(c_all[ids], dtype=self.dtype, device=self.device)
                 roots = [i for i, (_, prev) in enumerate(batch) if prev is None]
+                G_zero = gradient_at_zero(Z, y[roots], c[roots]) if roots else None
                 if roots:
-                    g = gradient_norm_at_zero(Z, y[roots], c[roots])
+                    g = G_zero.norm(dim=1)
                     g0_per_cost.update({ids[i]: float(v) / costs[ids[i]] for i, v in zip(roots, g.tolist())})
                 g0_per_cost.update({p: g0_per_cost[prev] for p, prev in batch if prev is not None})
                 g0 = torch.tensor([g0_per_cost[p] * costs[p] for p in ids], dtype=self.dtype, device=self.device)
                 W0 = direct0 = O0 = factors0 = None
+                G_start = torch.empty(len(ids), Z.shape[1], dtype=self.dtype, device=self.device)
+                if roots:  # at w = 0
+                    G_start[roots] = G_zero
                 starts = [warm.pop(prev) if prev is not None else None for _, prev in batch]
                 if self.warm_start and any(st is not None for st in starts):
                     W0 = torch.stack([st[0] if st is not None else torch.zeros_like(Z[0]) for st in starts])
                     direct0 = torch.tensor([st is not None and st[1] for st in starts], device=self.device)
                     O0 = torch.stack([st[2] if st is not None else torch.zeros_like(Z[:, 0]) for st in starts])
                     factors0 = [st[3] if st is not None else None for st in starts]
-                W, info, direct, O, fs = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton,
-                                                      max_cg=self.max_cg, W0=W0, cg_dtype=self.cg_dtype, K=K,
-                                                      direct0=direct0, Z2=Z2, O0=O0, g0=g0, factors0=factors0)
-                warm.update({p: (W[i], bool(direct[i]), O[i], fs[i]) for i, p in enumerate(ids)})
-                self._record(info, progress)
-                self._score(matmul(W, sub.V.T) if sub is not None else W, ids, evals, out)  # in the full basis
+                    chained = [i for i, st in enumerate(starts) if st is not None]
+                    ratio = torch.tensor([costs[ids[i]] / costs[batch[i][1]] for i in chained],
+                                         dtype=self.dtype, device=self.device)
+                    G_start[chained] = rescaled_gradient(W0[chained], torch.stack([starts[i][4] for i in chained]),
+                                                         ratio)
+                elif len(roots) < len(ids):  # warm starts off: every problem starts at w = 0
+                    G_start = None
+                res = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton, max_cg=self.max_cg, W0=W0,
+                                   cg_dtype=self.cg_dtype, K=K, direct0=direct0, Z2=Z2, O0=O0, g0=g0,
+                                   factors0=factors0, G_start=G_start)
+                warm.update({p: (res.W[i], bool(res.direct[i]), res.O[i], res.factors[i], res.G[i])
+                             for i, p in enumerate(ids)})
+                self._record(res.info, progress)
+                self._score(matmul(res.W, sub.V.T) if sub is not None else res.W, ids, evals, out)  # full basis
         return out
 
     def use_kernel(self, rows_per_problem: int, rows_in_call: int) -> bool:
@@ -200,7 +212,7 @@ class TorchSVM:
         first = R_t[[p for p, _ in stages[0]]]
         ext = torch.cat([first, torch.full_like(first[:, :1], pad)], 1)  # + the zero row of the padded gram
         K_chain = gather_blocks(self.gram, ext, ext)
-        warm: dict[int, torch.Tensor] = {}
+        warm: dict[int, tuple] = {}  # problem -> (beta, scores K beta, K u at beta) at its solution
         for stage in stages:
             for p, prev in stage:
                 if prev is not None:
@@ -212,13 +224,18 @@ class TorchSVM:
                 K = K_chain if at == list(range(len(K_chain))) else K_chain[at]
                 y = torch.as_tensor(y_all[ids], dtype=self.dtype, device=self.device)
                 c = torch.as_tensor(c_all[ids], dtype=self.dtype, device=self.device)
-                B0 = None
+                B0 = O0 = KU0 = None
                 if self.warm_start and any(prev is not None for _, prev in batch):
-                    B0 = torch.stack([warm[prev] if prev is not None else torch.zeros(n, dtype=self.dtype,
-                                                                                    device=self.device)
-                                      for _, prev in batch])
-                beta, info = kernel_newton_solve(K, y, c, tol=self.tol, max_newton=self.max_newton, B0=B0)
-                warm.update({p: beta[i] for i, p in enumerate(ids)})
+                    zero = torch.zeros(n, dtype=self.dtype, device=self.device)
+                    B0 = torch.stack([warm[prev][0] if prev is not None else zero for _, prev in batch])
+                    if all(prev is not None for _, prev in batch):  # the usual case: a whole stage of chains
+                        ratio = torch.tensor([costs[p] / costs[prev] for p, prev in batch], dtype=self.dtype,
+                                             device=self.device)
+                        O0 = torch.stack([warm[prev][1] for _, prev in batch])
+                        KU0 = rescaled_gradient(O0, torch.stack([warm[prev][2] for _, prev in batch]), ratio)
+                beta, O, KU, info = kernel_newton_solve(K, y, c, tol=self.tol, max_newton=self.max_newton, B0=B0,
+                                                        O0=O0, KU0=KU0)
+                warm.update({p: (beta[i], O[i], KU[i]) for i, p in enumerate(ids)})
                 self._record(info, progress)
         # w = Z_R^T beta in the basis' coordinates, a block of chains at a time: each chain's rows of Z are
         # gathered once for all its costs (a product over every training row would cost N / n times more)
@@ -228,7 +245,7 @@ class TorchSVM:
         starts = np.searchsorted(chain[by_chain], chain[by_chain])
         slot[by_chain] = np.arange(len(chain)) - starts
         coefs = torch.zeros(len(first), int(slot.max()) + 1, n, dtype=self.dtype, device=self.device)
-        coefs[torch.as_tensor(chain), torch.as_tensor(slot)] = torch.stack([warm[p] for p in range(len(chain))])
+        coefs[torch.as_tensor(chain), torch.as_tensor(slot)] = torch.stack([warm[p][0] for p in range(len(chain))])
         coefs *= (first < pad)[:, None, :]  # padding rows carry no weight
         step = max(1, (1 << 28) // (n * self.basis.rank * self.basis.Z.element_size()))
         for c0 in range(0, len(first), step):

@@ -267,7 +267,8 @@ def test_mixed_precision_meets_the_float64_stopping_rule():
     Z = torch.as_tensor(np.hstack([l2_normalize(x), np.ones((300, 1))]), dtype=torch.float64)
     labels = torch.as_tensor(np.where(svm.train_targets(y) > 0, 1.0, -1.0))
     cost = torch.full_like(labels, 0.5)
-    W, info, _, _, _ = newton_solve(Z, labels, cost, tol=1e-6, cg_dtype=torch.float32)
+    res = newton_solve(Z, labels, cost, tol=1e-6, cg_dtype=torch.float32)
+    W, info = res.W, res.info
     assert info.cg_iters > 0 and info.converged == info.problems
     z = Z.numpy()
     for p in range(len(labels)):
@@ -275,6 +276,42 @@ def test_mixed_precision_meets_the_float64_stopping_rule():
         grad = w - 2 * z.T @ (c * yl * np.maximum(0.0, 1 - yl * (z @ w)))
         grad0 = 2 * z.T @ (c * yl)
         assert np.linalg.norm(grad) <= 1e-6 * np.linalg.norm(grad0)
+        np.testing.assert_allclose(res.G[p].numpy(), grad, atol=1e-12 * np.linalg.norm(grad0))
+
+
+def test_a_chain_starts_from_the_previous_costs_gradient_rescaled():
+    """The next cost of a chain starts from the gradient at the previous solution for the new costs, taken
+    from the old gradient without a product (`rescaled_gradient`): it must equal the float64 gradient by hand
+    at the new costs, and so must the scores and K u a warm start of the kernel path carries."""
+    from mocobench.evaluate.svm_kernel import kernel_newton_solve
+    from mocobench.evaluate.svm_newton import newton_solve, rescaled_gradient
+    x, y = blobs(200, 16, 3, seed=3)
+    Z = torch.as_tensor(np.hstack([l2_normalize(x), np.ones((200, 1))]), dtype=torch.float64)
+    labels = torch.as_tensor(np.where(svm.train_targets(y) > 0, 1.0, -1.0))
+    weight = torch.where(labels > 0, 2.0, 1.0).double()
+    old, new = 0.3 * weight, 3.0 * weight
+    res = newton_solve(Z, labels, old, tol=1e-6)
+    ratio = torch.full((len(labels),), 10.0, dtype=torch.float64)
+    G = rescaled_gradient(res.W, res.G, ratio)
+    z = Z.numpy()
+    for p in range(len(labels)):
+        w, yl, c = res.W[p].numpy(), labels[p].numpy(), new[p].numpy()
+        by_hand = w - 2 * z.T @ (c * yl * np.maximum(0.0, 1 - yl * (z @ w)))
+        np.testing.assert_allclose(G[p].numpy(), by_hand, rtol=0, atol=1e-12 * np.abs(by_hand).max())
+    K = Z @ Z.T
+    Kpad = torch.zeros(len(labels), 201, 201, dtype=torch.float64)
+    Kpad[:, :200, :200] = K
+    beta, O, KU, info = kernel_newton_solve(Kpad, labels, old, tol=1e-6)
+    assert info.converged == info.problems
+    KU_new = rescaled_gradient(O, KU, ratio)
+    for p in range(len(labels)):
+        b, yl, c = beta[p].numpy(), labels[p].numpy(), new[p].numpy()
+        u = b - 2 * c * yl * np.maximum(0.0, 1 - yl * (K.numpy() @ b))
+        np.testing.assert_allclose(O[p].numpy(), K.numpy() @ b, atol=1e-10)
+        np.testing.assert_allclose(KU_new[p].numpy(), K.numpy() @ u, rtol=0, atol=1e-10 * np.abs(K.numpy() @ u).max())
+    warm, _, _, _ = kernel_newton_solve(Kpad, labels, new, tol=1e-6, B0=beta, O0=O, KU0=KU_new)
+    cold, _, _, _ = kernel_newton_solve(Kpad, labels, new, tol=1e-6)
+    np.testing.assert_allclose((warm @ K).numpy(), (cold @ K).numpy(), atol=1e-4)
 
 
 # --- low-shot -------------------------------------------------------------------------------------------
