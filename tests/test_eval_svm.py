@@ -377,6 +377,19 @@ def test_lowshot_groups_the_samples_of_a_k_once_a_draw_spans_a_quarter_of_the_ro
     assert lowshot._solve_groups(draws, 40) == [[(1, 0)], [(1, 1)], [(8, 0), (8, 1)], [(16, 0)]]
 
 
+def test_lowshot_merges_the_k_values_the_solver_takes_through_its_shared_basis():
+    few, many = np.arange(4).reshape(2, 2), np.arange(12).reshape(2, 6)  # 4 and 12 of 40 rows
+    draws = {(1, 0): few, (4, 0): many, (4, 1): many + 1, (8, 0): many + 20, (8, 1): many, (16, 0): many + 3,
+             (16, 1): many + 25}  # the k groups span 13, 24 and 24 rows
+    large = [(4, 0), (4, 1), (8, 0), (8, 1), (16, 0), (16, 1)]
+    assert lowshot._solve_groups(draws, 40, lambda n, rows: False) == [[(1, 0)], large]
+    assert lowshot._solve_groups(draws, 40, lambda n, rows: rows < 15) == [[(1, 0)], large[:2], large[2:]]
+    seen = []
+    kernel = lambda rows_per_problem, rows_in_call: seen.append((rows_per_problem, rows_in_call)) or True
+    assert lowshot._solve_groups(draws, 40, kernel) == lowshot._solve_groups(draws, 40)
+    assert seen == [(6, 13), (6, 24), (6, 24)]  # rows of one problem (C k), rows of the whole k group
+
+
 def test_lowshot_grouped_solves_give_the_per_draw_results(monkeypatch):
     """Solving the samples of a k in one batched call changes nothing but the speed."""
     x, y = blobs(300, 48, 3, seed=7)
@@ -389,7 +402,7 @@ def test_lowshot_grouped_solves_give_the_per_draw_results(monkeypatch):
     grouped = run()
     assert calls == [6, 6, 6, 18]  # k=2 draws (6 rows of 300) one by one; k=16 (up to 144 rows) together
     calls.clear()
-    monkeypatch.setattr(lowshot, "_solve_groups", lambda draws, n: [[key] for key in draws])
+    monkeypatch.setattr(lowshot, "_solve_groups", lambda draws, *_: [[key] for key in draws])
     single = run()
     assert calls == [6] * 6
     for k in (2, 16):
