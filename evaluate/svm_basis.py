@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mocobench.evaluate.blas import matmul, routed
+from mocobench.evaluate.blas import eigh, matmul, routed
 
 
 def gram_matrix(F: torch.Tensor, blocks: int = 8) -> torch.Tensor:
@@ -43,14 +43,14 @@ class Basis:
         self.gram = None
         if d <= n:
             F32 = feats.to(torch.float32)
-            lam, vecs = torch.linalg.eigh(gram_matrix(F32.T))  # F^T F
+            lam, vecs = eigh(gram_matrix(F32.T))  # F^T F
             keep = lam > rel_eps * lam.max().clamp_min(1e-30)
             V = vecs[:, keep].flip(1)
             self.Z = matmul(F32, V).to(feats.dtype)
             self.V = V.to(feats.dtype)
         else:
             self.gram = gram_matrix(feats)
-            lam, U = torch.linalg.eigh(self.gram)
+            lam, U = eigh(self.gram)
             keep = lam > rel_eps * lam.max().clamp_min(1e-300)
             lam, U = lam[keep].flip(0), U[:, keep].flip(1)
             self.V = matmul(feats.T, U) / lam.sqrt()

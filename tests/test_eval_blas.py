@@ -115,6 +115,20 @@ def test_openblas_triangular_solves_equal_torch(openblas, upper, transposed):
     assert torch.allclose(blas.solve_triangular(L, B, upper=upper), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_openblas_eigh_is_an_eigendecomposition_with_torchs_eigenvalues(openblas, dtype):
+    g = torch.Generator().manual_seed(5)
+    F = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    A = (F.T @ F).to(dtype)
+    lam, V = blas.eigh(A)
+    assert lam.dtype == V.dtype == dtype and V.shape == (12, 12)
+    eps = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(lam, torch.linalg.eigvalsh(A), rtol=eps, atol=eps * float(lam.abs().max()))
+    assert bool((lam[1:] >= lam[:-1]).all())  # ascending, as torch's
+    assert torch.allclose(V.T @ V, torch.eye(12, dtype=dtype), atol=eps)
+    assert torch.allclose(A @ V, V * lam, atol=eps * float(lam.abs().max()))
+
+
 def test_other_devices_and_dtypes_stay_with_torch(openblas):
     a = torch.arange(6, dtype=torch.int64).reshape(2, 3)
     assert torch.equal(blas.matmul(a, a.T), a @ a.T)
