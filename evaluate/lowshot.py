@@ -98,7 +98,7 @@ def _solve_groups(draws: dict, n_train: int, kernel=None) -> list[list[tuple[int
     problem's rows, get wider at little extra cost: about 2x faster at VOC07 size), else one draw per call
     (small k: a draw's few rows get their own small basis). `kernel(rows_per_problem, rows_in_call)` is the
     solver's choice of path (`TorchSVM.use_kernel`), where it has one: the k values it solves in the shared
-    basis form one call (at VOC07 size k = 64 and 96: products over 200 problems instead of 100, 0.93-0.95x
+    basis form one call (at VOC07 size k = 64 and 96: products over 200 problems instead of 100, 0.92-0.95x
     the time per problem on a 2-core AVX2 AMD EPYC, and half the batches), those of its kernel path stay one
     call per k (each problem is padded to the call's largest)."""
     groups: list[list[tuple[int, int]]] = []

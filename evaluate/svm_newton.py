@@ -122,11 +122,6 @@ def gradient_at_zero(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor) 
     return -2 * matmul(cost * labels, Z)
 
 
-def gradient_norm_at_zero(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
-    """|gradient| of each problem's objective at w = 0 (the convergence scale)."""
-    return gradient_at_zero(Z, labels, cost).norm(dim=1)
-
-
 def rescaled_gradient(W: torch.Tensor, G: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """The gradient at W once every row's cost is multiplied by `ratio` (P,): G = W - 2 Z^T(c y m) is affine
     in the costs at a fixed W, so it is (1 - ratio) W + ratio G, without the matrix product. What the next
@@ -165,7 +160,7 @@ def newton_solve(Z: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, tol:
     Z2 = Z * Z if Z2 is None else Z2
     Zlow = Z.to(cg_dtype) if cg_dtype is not None else None
     cy_all = cost * labels
-    g0 = gradient_norm_at_zero(Z, labels, cost) if g0 is None else g0
+    g0 = gradient_at_zero(Z, labels, cost).norm(dim=1) if g0 is None else g0
     idx = torch.arange(P, device=Z.device)
     W = W_out.clone() if W0 is None else W0.clone()
     O = (matmul(W, Z.T) if O0 is None else O0.clone())  # scores Z w on the training rows

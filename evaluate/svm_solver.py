@@ -134,9 +134,7 @@ class TorchSVM:
                 g0_per_cost.update({p: g0_per_cost[prev] for p, prev in batch if prev is not None})
                 g0 = torch.tensor([g0_per_cost[p] * costs[p] for p in ids], dtype=self.dtype, device=self.device)
                 W0 = direct0 = O0 = factors0 = None
-                G_start = torch.empty(len(ids), Z.shape[1], dtype=self.dtype, device=self.device)
-                if roots:  # at w = 0
-                    G_start[roots] = G_zero
+                G_start = G_zero if len(roots) == len(ids) else None  # gradients at the start, where known
                 starts = [warm.pop(prev) if prev is not None else None for _, prev in batch]
                 if self.warm_start and any(st is not None for st in starts):
                     W0 = torch.stack([st[0] if st is not None else torch.zeros_like(Z[0]) for st in starts])
@@ -146,10 +144,11 @@ class TorchSVM:
                     chained = [i for i, st in enumerate(starts) if st is not None]
                     ratio = torch.tensor([costs[ids[i]] / costs[batch[i][1]] for i in chained],
                                          dtype=self.dtype, device=self.device)
+                    G_start = torch.empty_like(W0)
                     G_start[chained] = rescaled_gradient(W0[chained], torch.stack([starts[i][4] for i in chained]),
                                                          ratio)
-                elif len(roots) < len(ids):  # warm starts off: every problem starts at w = 0
-                    G_start = None
+                    if roots:
+                        G_start[roots] = G_zero
                 res = newton_solve(Z, y, c, tol=self.tol, max_newton=self.max_newton, max_cg=self.max_cg, W0=W0,
                                    cg_dtype=self.cg_dtype, K=K, direct0=direct0, Z2=Z2, O0=O0, g0=g0,
                                    factors0=factors0, G_start=G_start)
