@@ -146,7 +146,7 @@ def test_fewer_gpus_keep_the_reference_unless_linear_scaling_is_asked():
 def test_user_opts_win_and_bad_class_count_is_refused():
     cfg = _cfg("coco-fpn-1x", smoke=True, classes=["a", "b", "c"], opts=["SOLVER.MAX_ITER", "7"])
     assert (cfg.SOLVER.MAX_ITER, cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.DEVICE) == (7, 3, "cpu")
-    assert cfg.INPUT.MIN_SIZE_TEST == 256 and cfg.SOLVER.REFERENCE_WORLD_SIZE == 0
+    assert cfg.INPUT.MIN_SIZE_TEST == 128 and cfg.SOLVER.REFERENCE_WORLD_SIZE == 0
     with pytest.raises(ValueError, match="NUM_CLASSES=5"):
         _cfg("coco-fpn-1x", classes=["a", "b", "c"], opts=["MODEL.ROI_HEADS.NUM_CLASSES", "5"])
 

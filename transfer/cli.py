@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-only", action="store_true",
                    help="only evaluate (the last checkpoint in OUT/detectron2, else --weights)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny CPU-sized settings (transfer/configs/smoke.yaml): a few iterations at 256 px")
+                   help="tiny CPU-sized settings (transfer/configs/smoke.yaml): a few iterations at 128 px")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="detectron2 config overrides, e.g. SOLVER.MAX_ITER 1000 (applied last)")
     return parser
