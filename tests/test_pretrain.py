@@ -240,7 +240,7 @@ def test_tensor_loader_trains_and_bad_loader_is_an_error(tiny_folder, tmp_path):
 def test_demo_recipe_learns_shape_at_reduced_size(demo_data, tmp_path):
     """The shipped demo recipe on the embedded data, shortened to `epochs` (fixed seed): the kNN monitor's
     top-1 at the end beats the same network at random init (its epoch -1 value) by `margin` points. The
-    full-size margin (40 epochs) is what `make demo` prints; docs/demo-data.md has both."""
+    full-size margin (30 epochs) is what `make demo` prints; docs/demo-data.md has both."""
     from mocobench.core.config import apply_overrides, load_yaml
     from mocobench.pretrain.train import CONFIG_DIR, cpu_bf16_is_fast
     if not cpu_bf16_is_fast():
