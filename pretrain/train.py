@@ -70,6 +70,8 @@ class PretrainConfig:
                              "as official", above=0)
     schedule: list[int] = option(None, "epochs at which lr drops x0.1 (step schedule)", at_least=0)
     cos: bool = option(False, "cosine lr schedule instead of steps")
+    lr_warmup_epochs: int = option(0, "v1/v2: linear lr warm-up, lr x (e+1)/(N+1) in epoch e < N, on top of the "
+                                      "schedule (not in main_moco.py; the demo recipe's)", at_least=0)
     momentum: float = option(0.9, "SGD momentum", at_least=0, below=1)
     weight_decay: float = option(1e-4, "SGD weight decay", at_least=0)
     moco_dim: int = option(128, "feature dimension", at_least=1)
@@ -125,7 +127,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 V3_FIELDS = ("algorithm", "optimizer", "warmup_epochs", "mlp_dim", "moco_m_cos", "stop_grad_conv1")
-V1V2_FIELDS = ("moco_k", "mlp", "aug_plus", "schedule", "cos", "shuffle_bn", "bn_groups", "mask_false_negatives")
+V1V2_FIELDS = ("moco_k", "mlp", "aug_plus", "schedule", "cos", "lr_warmup_epochs", "shuffle_bn", "bn_groups",
+               "mask_false_negatives")
 
 
 def config_record(cfg: PretrainConfig) -> dict:
@@ -135,6 +138,8 @@ def config_record(cfg: PretrainConfig) -> dict:
     sweep may layer v1/v2 configs under a v3 variant without them showing in its record."""
     record = to_dict(cfg)
     unused = V1V2_FIELDS if cfg.algorithm == "moco_v3" else V3_FIELDS
+    if not cfg.lr_warmup_epochs:  # off (the official recipes): left out, so their records keep their keys
+        unused += ("lr_warmup_epochs",)
     return {k: v for k, v in record.items() if k not in unused}
 
 
@@ -162,6 +167,8 @@ def validate(cfg: PretrainConfig, world: int) -> None:
         raise ConfigError(f"loader={cfg.loader!r}: expected 'pil' or 'tensor'")
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {world}")
+    if cfg.lr_warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"lr_warmup_epochs={cfg.lr_warmup_epochs} must be less than epochs={cfg.epochs}")
     if cfg.moco_k % cfg.batch_size:
         raise ConfigError(f"moco_k={cfg.moco_k} must be divisible by batch_size={cfg.batch_size} (queue ring)")
     groups = bn_groups(cfg, world)
@@ -174,12 +181,15 @@ def bn_groups(cfg: PretrainConfig, world: int) -> int:
 
 
 def adjust_learning_rate(optimizer, epoch: int, cfg: PretrainConfig) -> float:
-    """Per-epoch schedule of main_moco.py: cosine, or x0.1 at each milestone."""
+    """Per-epoch schedule of main_moco.py: cosine, or x0.1 at each milestone. `lr_warmup_epochs` N > 0 (not
+    official) scales epoch e < N by (e+1)/(N+1): a gradual warm-up (Goyal et al. 2017, Sec. 2.2), per epoch."""
     lr = cfg.lr
     if cfg.cos:
         lr *= 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
     else:
         lr *= 0.1 ** sum(epoch >= m for m in cfg.schedule)
+    if epoch < cfg.lr_warmup_epochs:
+        lr *= (epoch + 1) / (cfg.lr_warmup_epochs + 1)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
