@@ -71,7 +71,8 @@ class PretrainConfig:
     schedule: list[int] = option(None, "epochs at which lr drops x0.1 (step schedule)", at_least=0)
     cos: bool = option(False, "cosine lr schedule instead of steps")
     lr_warmup_epochs: int = option(0, "v1/v2: linear lr warm-up, lr x (e+1)/(N+1) in epoch e < N, on top of the "
-                                      "schedule (not in main_moco.py; the demo recipe's)", at_least=0)
+                                      "schedule; a run shorter than N stays in it (not in main_moco.py; the demo "
+                                      "recipe's)", at_least=0)
     momentum: float = option(0.9, "SGD momentum", at_least=0, below=1)
     weight_decay: float = option(1e-4, "SGD weight decay", at_least=0)
     moco_dim: int = option(128, "feature dimension", at_least=1)
@@ -167,8 +168,6 @@ def validate(cfg: PretrainConfig, world: int) -> None:
         raise ConfigError(f"loader={cfg.loader!r}: expected 'pil' or 'tensor'")
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {world}")
-    if cfg.lr_warmup_epochs >= cfg.epochs:
-        raise ConfigError(f"lr_warmup_epochs={cfg.lr_warmup_epochs} must be less than epochs={cfg.epochs}")
     if cfg.moco_k % cfg.batch_size:
         raise ConfigError(f"moco_k={cfg.moco_k} must be divisible by batch_size={cfg.batch_size} (queue ring)")
     groups = bn_groups(cfg, world)
