@@ -260,7 +260,6 @@ def test_demo_recipe_learns_shape_at_reduced_size(demo_data, tmp_path):
     top-1 at the end beats the same network at random init (its epoch -1 value) by `margin` points. The
     full-size margin (15 epochs) is what `make demo` prints; docs/pretrain.md has both."""
     from mocobench.core.config import apply_overrides, load_yaml
-    from mocobench.pretrain.train import CONFIG_DIR
     epochs, margin = 8, 4  # measured in fp32 on a 2-core AVX2-only AMD EPYC: 33.6 -> 40.6 % (+7.0) in 8 epochs
     cfg = apply_overrides(PretrainConfig(), load_yaml("demo", CONFIG_DIR))
     cfg = apply_overrides(cfg, {"out": str(tmp_path), "epochs": epochs, "knn_monitor": epochs, "print_freq": 31,
